@@ -1,0 +1,157 @@
+"""The `finetune` command line: a thin layer over the library; errors are one line each."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+from .errors import FinetuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Personalize text-to-image diffusion models from a folder of images and a YAML recipe.")
+_state = {"debug": False}
+
+
+def _quiet_libraries() -> None:
+    # Library chatter (torchvision fallbacks, progress of weight loading) drowns our own messages.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    for name in ("bitsandbytes", "transformers", "diffusers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _guard():
+    _quiet_libraries()
+    try:
+        yield
+    except FinetuneError as e:
+        if _state["debug"]:
+            raise
+        for line in str(e).splitlines() or [type(e).__name__]:
+            typer.secho(f"error: {line}", fg="red", err=True)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", fg="red", err=True)
+        raise typer.Exit(130)
+    except Exception as e:  # anything unexpected: still one line, the traceback behind --debug
+        if _state["debug"]:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        typer.secho(f"error: {type(e).__name__}: {first} (run with --debug for the traceback)", fg="red", err=True)
+        raise typer.Exit(1)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"finetune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+):
+    _state["debug"] = debug
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def train(
+    ctx: typer.Context,
+    recipe: str = typer.Argument(..., help="Recipe file or bundled recipe name."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a key: --set training.max_steps=100 (repeatable)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (for logs)."),
+):
+    """Train an adapter from RECIPE. Extra KEY=VALUE arguments override recipe keys."""
+    with _guard():
+        from .recipe import load_recipe
+        from .train import train as run_training
+
+        overrides = [*ctx.args, *set_]
+        r, path = load_recipe(recipe, overrides)
+        result = run_training(r, path, log=typer.echo, progress=not no_progress)
+        typer.echo(f"run folder: {result.run_dir}")
+
+
+@app.command()
+def validate(
+    recipe: str = typer.Argument(..., help="Recipe file or bundled recipe name."),
+    overrides: List[str] = typer.Argument(None, help="KEY=VALUE overrides."),
+):
+    """Check a recipe (and its overrides) without loading any model."""
+    with _guard():
+        from .recipe import load_recipe
+
+        _, path = load_recipe(recipe, overrides or [])
+        typer.echo(f"{path}: ok")
+
+
+@app.command()
+def recipes(name: Optional[str] = typer.Argument(None, help="Show this recipe's YAML.")):
+    """List the bundled recipes, or show one."""
+    with _guard():
+        from .recipe import find_recipe, recipe_dirs
+
+        if name:
+            typer.echo(find_recipe(name).read_text(encoding="utf-8"))
+            return
+        for d in recipe_dirs():
+            for f in sorted(d.glob("*.yaml")):
+                first = next((ln.lstrip("# ").strip() for ln in f.read_text(encoding="utf-8").splitlines()
+                              if ln.startswith("#")), "")
+                typer.echo(f"{f.stem:<28} {first}")
+
+
+@app.command()
+def generate(
+    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt (repeatable)."),
+    base: str = typer.Option(..., "--base", help="Base model: hub id, diffusers folder, .safetensors or builtin:tiny-sd15."),
+    lora: List[str] = typer.Option([], "--lora", help="LoRA file or run folder (repeatable); FILE:WEIGHT sets its weight."),
+    n: int = typer.Option(1, "--n", min=1, help="Images per prompt."),
+    seed: int = typer.Option(0, "--seed"),
+    steps: int = typer.Option(25, "--steps", min=1),
+    guidance: float = typer.Option(7.5, "--guidance"),
+    negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt."),
+    width: Optional[int] = typer.Option(None, "--width"),
+    height: Optional[int] = typer.Option(None, "--height"),
+    out: Path = typer.Option(Path("outputs/generated"), "--out", help="Folder for the images."),
+    family: str = typer.Option("auto", "--family"),
+):
+    """Generate images with a base model and optional LoRA adapters."""
+    with _guard():
+        from .generate import generate as run_generate
+
+        paths = run_generate(prompts=prompt, base=base, loras=lora, n=n, seed=seed, steps=steps, guidance=guidance,
+                             negative=negative, width=width, height=height, out=out, family=family)
+        for p in paths:
+            typer.echo(str(p))
+
+
+@app.command("tiny-model")
+def tiny_model(folder: Path = typer.Argument(..., help="Where to write the tiny SD1.5 diffusers folder.")):
+    """Build the tiny, shape-faithful SD1.5 used by the tests and the quickstart."""
+    with _guard():
+        from .testing import build_tiny_sd15
+
+        typer.echo(str(build_tiny_sd15(folder)))
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m finetune`
+    app(prog_name="finetune")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())

@@ -1,0 +1,22 @@
+"""Image sets -> batches: discovery of (image, caption) examples, robust image loading,
+aspect-ratio buckets and the dataset/sampler pair the training loop iterates."""
+
+from .buckets import BucketBatchSampler, bucket_step, make_buckets, nearest_bucket
+from .dataset import ImageCaptionDataset, collate
+from .images import IMAGE_EXTENSIONS, image_size, load_image, to_rgb
+from .sources import Example, discover_examples
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "BucketBatchSampler",
+    "Example",
+    "ImageCaptionDataset",
+    "bucket_step",
+    "collate",
+    "discover_examples",
+    "image_size",
+    "load_image",
+    "make_buckets",
+    "nearest_bucket",
+    "to_rgb",
+]

@@ -1,0 +1,103 @@
+"""The training dataset: examples -> (pixels at their bucket's shape, caption) items.
+
+Every random choice (crop offset, flip, caption dropout) comes from a generator seeded with
+(seed, index, epoch), so an item is the same whichever worker builds it and a resumed run
+repeats the data it would have seen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .buckets import make_buckets, nearest_bucket, seeded_rng
+from .sources import Example
+
+# Separate streams, so that asking for a caption alone gives the same dropout as __getitem__.
+_TRANSFORM, _CAPTION = 0, 1
+
+
+class ImageCaptionDataset(Dataset):
+    def __init__(self, examples: list[Example], cfg, seed: int = 0):
+        self.examples = list(examples)
+        self.cfg = cfg
+        self.seed = seed
+        self.epoch = 0
+        res = cfg.resolution
+        if cfg.bucketing.enabled:
+            self.buckets = make_buckets(res, min_size=cfg.bucketing.min_size, max_size=cfg.bucketing.max_size)
+        else:
+            self.buckets = [(res, res)]
+        ids = {b: i for i, b in enumerate(self.buckets)}
+        # One header read per image, here, so the sampler can group indices before any decoding.
+        per_example = [ids[nearest_bucket(*e.size(), self.buckets)] for e in self.examples]
+        self.bucket_of_index = per_example * cfg.repeats  # index i is examples[i % len(examples)]
+
+    def __len__(self) -> int:
+        return len(self.bucket_of_index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def deterministic(self) -> bool:
+        """True when an example always yields the same pixels (so its latents may be cached)."""
+        return self.cfg.crop == "center" and not self.cfg.random_flip
+
+    def example(self, index: int) -> Example:
+        return self.examples[index % len(self.examples)]
+
+    def caption(self, index: int) -> str:
+        """The caption item `index` gets this epoch, after caption dropout."""
+        text = self.example(index).caption or ""
+        p = self.cfg.caption_dropout
+        if p > 0 and seeded_rng(self.seed, index, self.epoch, _CAPTION).random() < p:
+            return ""
+        return text
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        example = self.example(index)
+        image = example.load()
+        width, height = self.buckets[self.bucket_of_index[index]]
+        rng = seeded_rng(self.seed, index, self.epoch, _TRANSFORM)
+        pixels, top, left = self._fit(image, width, height, rng)
+        return {
+            "pixel_values": pixels,
+            "caption": self.caption(index),
+            "key": example.key,
+            "original_size": (image.height, image.width),
+            "crop_top_left": (top, left),
+            "target_size": (height, width),
+        }
+
+    def _fit(self, image: Image.Image, width: int, height: int, rng: np.random.Generator):
+        # Scale so the image covers the bucket, then crop the overflow: framing is kept up to the
+        # small ratio difference between the image and its bucket.
+        scale = max(width / image.width, height / image.height)
+        size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        spare_x, spare_y = size[0] - width, size[1] - height
+        if self.cfg.crop == "random":
+            left, top = int(rng.integers(0, spare_x + 1)), int(rng.integers(0, spare_y + 1))
+        else:
+            left, top = spare_x // 2, spare_y // 2
+        image = image.crop((left, top, left + width, top + height))
+        if self.cfg.random_flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            left = spare_x - left  # SDXL's crop conditioning describes the image as the model sees it
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), top, left
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack pixel_values into [B,3,H,W]; every other field becomes a list."""
+    out = {"pixel_values": torch.stack([item["pixel_values"] for item in batch])}
+    for key in batch[0]:
+        if key != "pixel_values":
+            out[key] = [item[key] for item in batch]
+    return out

@@ -1,0 +1,102 @@
+"""Reading training images: any file PIL can open becomes an 8-bit RGB image the right way up.
+
+Photos carry their rotation in EXIF, PNGs carry alpha, scanners write 16-bit or CMYK files; a
+naive `.convert("RGB")` gets each of these subtly wrong (sideways faces, black backgrounds the
+model learns, clipped 16-bit values), so every image goes through `to_rgb`.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..errors import FinetuneError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+
+# EXIF orientations 5-8 turn the picture by 90 degrees, so width and height swap.
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION = 0x0112
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+def _open(source, name: str) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except FileNotFoundError:
+        raise FinetuneError(f"image {name} does not exist") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise FinetuneError(f"cannot read image {name}: {e}") from None
+
+
+def load_image(path, name: str | None = None) -> Image.Image:
+    """Decode `path` (a file path or the encoded bytes of an image) to RGB; errors name the file."""
+    name = name or str(path)
+    with _open(path, name) as img:
+        try:
+            img.load()  # decode now, so a truncated file fails here with its name, not later in a worker
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise FinetuneError(f"cannot read image {name}: {e}") from None
+        return to_rgb(img, name)
+
+
+def image_size(path, name: str | None = None) -> tuple[int, int]:
+    """(width, height) as `load_image` will return it, from the header only (no pixel decoding)."""
+    name = name or str(path)
+    with _open(path, name) as img:
+        return oriented_size(img, name)
+
+
+def oriented_size(img: Image.Image, name: str = "image") -> tuple[int, int]:
+    w, h = img.size
+    if w == 0 or h == 0:
+        raise FinetuneError(f"image {name} has no pixels ({w}x{h})")
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # a broken EXIF block must not make a readable image unusable
+        orientation = None
+    return (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
+
+
+def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
+    """Upright, 8-bit RGB; transparency becomes white rather than whatever the hidden pixels hold."""
+    if img.width == 0 or img.height == 0:
+        raise FinetuneError(f"image {name} has no pixels ({img.width}x{img.height})")
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # keep the image as stored rather than reject it for unusable EXIF
+        pass
+    if img.mode in _SIXTEEN_BIT_MODES:
+        img = _sixteen_bit_to_l(img)
+    elif img.mode == "F":
+        img = _float_to_l(img)
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode != "RGB":
+        try:
+            img = img.convert("RGB")
+        except (ValueError, OSError) as e:
+            raise FinetuneError(f"cannot convert image {name} (mode {img.mode}) to RGB: {e}") from None
+    return img
+
+
+def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
+    # 16-bit data spans 0..65535; dividing by 257 maps 65535 to 255 exactly (clipping would turn
+    # almost every pixel white). Mode "I" is how some readers hand over 16-bit files, so it is
+    # treated as 16-bit too; values beyond that range are clipped.
+    a = np.asarray(img).astype(np.float64)
+    a = np.clip(a, 0, 65535) / 257.0
+    return Image.fromarray(np.rint(a).astype(np.uint8))
+
+
+def _float_to_l(img: Image.Image) -> Image.Image:
+    # Float images are usually 0..1; anything brighter than 1 is taken to be on the 0..255 scale.
+    a = np.nan_to_num(np.asarray(img).astype(np.float64))
+    if a.size and a.max() <= 1.0:
+        a = a * 255.0
+    return Image.fromarray(np.rint(np.clip(a, 0, 255)).astype(np.uint8))

@@ -1,0 +1,237 @@
+"""Finding the examples of an image set: (image, caption) pairs from a folder, a metadata file or
+a `datasets` dataset. Nothing is decoded here; `Example.load` reads pixels when they are needed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from PIL import Image
+
+from ..errors import FinetuneError
+from .images import IMAGE_EXTENSIONS, image_size, load_image, oriented_size, to_rgb
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+# Files `save_to_disk` writes: a folder holding one of them is a saved dataset, not an image folder.
+_SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class Example:
+    """One training image and its caption; exactly one of `path`, `data`, `image` holds the pixels."""
+
+    key: str  # unique within the set (relative path, or split[row]); caches are keyed on it
+    caption: str | None
+    path: Path | None = None
+    image: Image.Image | None = field(default=None, repr=False)
+    data: bytes | None = field(default=None, repr=False)  # encoded file from a dataset row
+
+    def load(self) -> Image.Image:
+        if self.path is not None:
+            return load_image(self.path)
+        if self.data is not None:
+            return load_image(self.data, name=self.key)
+        if self.image is not None:
+            return to_rgb(self.image, self.key)
+        raise FinetuneError(f"example {self.key} has no image")
+
+    def size(self) -> tuple[int, int]:
+        """(width, height) after EXIF rotation, without decoding the pixels where possible."""
+        if self.path is not None:
+            return image_size(self.path)
+        if self.data is not None:
+            return image_size(self.data, name=self.key)
+        if self.image is not None:
+            return oriented_size(self.image, self.key)
+        raise FinetuneError(f"example {self.key} has no image")
+
+
+def discover_examples(cfg, base_dir: Path | None = None) -> list[Example]:
+    """All examples `cfg` (a DataConfig) names; raises FinetuneError when there are none."""
+    path = _resolve(cfg.path, base_dir)
+    source = cfg.source if cfg.source != "auto" else _detect(path, cfg.path)
+    if source == "datasets":
+        examples = _from_datasets(cfg, path)
+    elif not path.exists():
+        raise FinetuneError(f"data.path: folder {path} does not exist")
+    elif source == "metadata":
+        examples = _from_metadata(cfg, path)
+    else:
+        examples = _from_folder(cfg, path)
+    if not examples:
+        looked = f" (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})" if source == "folder" else ""
+        raise FinetuneError(f"data.path: no images found in {path}{looked}")
+    _check_unique(examples)
+    uncaptioned = sum(1 for e in examples if not e.caption)
+    if uncaptioned:
+        warnings.warn(f"{uncaptioned} of {len(examples)} images have no caption and data.instance_prompt "
+                      f"is not set; they train with an empty caption", stacklevel=2)
+    return examples
+
+
+def _resolve(raw: str, base_dir: Path | None) -> Path:
+    path = Path(raw).expanduser()
+    if not path.is_absolute() and not path.exists() and base_dir is not None:
+        candidate = Path(base_dir) / path
+        if candidate.exists():
+            return candidate
+    return path
+
+
+def _detect(path: Path, raw: str) -> str:
+    if path.is_file():
+        if path.suffix.lower() in (".jsonl", ".csv"):
+            return "metadata"
+        raise FinetuneError(f"data.path: {path} is a file; expected a folder, a metadata.jsonl/.csv file "
+                            f"or a dataset name")
+    if path.is_dir():
+        if any((path / m).is_file() for m in METADATA_FILES):
+            return "metadata"
+        if any((path / m).is_file() for m in _SAVED_DATASET_MARKERS):
+            return "datasets"
+        return "folder"
+    # Not on disk: a bare `name` or `owner/name` may be a dataset on the hub.
+    return "datasets" if _HUB_NAME.match(raw) and not raw.startswith(".") else "folder"
+
+
+def _caption(text, cfg) -> str:
+    text = text.strip() if isinstance(text, str) else ""
+    return text or (cfg.instance_prompt or "")
+
+
+def _from_folder(cfg, folder: Path) -> list[Example]:
+    if not folder.is_dir():
+        raise FinetuneError(f"data.path: {folder} is not a folder")
+    ext = cfg.caption_extension if cfg.caption_extension.startswith(".") else "." + cfg.caption_extension
+    examples = []
+    for path in sorted(_image_files(folder)):
+        caption_file = path.with_suffix(ext)
+        text = _read_text(caption_file) if caption_file.is_file() else None
+        examples.append(Example(key=path.relative_to(folder).as_posix(), caption=_caption(text, cfg), path=path))
+    return examples
+
+
+def _image_files(folder: Path):
+    # Hidden entries (.ipynb_checkpoints, macOS "._x.png" resource forks) are never training data.
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield Path(root) / name
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: Notepad's byte-order mark is not caption text
+    except UnicodeDecodeError as e:
+        raise FinetuneError(f"caption file {path} is not UTF-8 text: {e}") from None
+
+
+def _from_metadata(cfg, path: Path) -> list[Example]:
+    if path.is_dir():
+        found = [path / m for m in METADATA_FILES if (path / m).is_file()]
+        if not found:
+            raise FinetuneError(f"data.path: no {' or '.join(METADATA_FILES)} in {path}")
+        path = found[0]
+    folder = path.parent
+    rows = _read_metadata(path)
+    if not rows:
+        return []
+    columns = list(rows[0])
+    for column in ("file_name", cfg.caption_column):
+        if column not in columns:
+            raise FinetuneError(f"{path}: no column {column!r}; columns are: {', '.join(map(str, columns))}")
+    examples = []
+    for row in rows:
+        name = str(row["file_name"] or "")
+        # Checked in Windows syntax too: metadata written there may say ..\x.png or C:\x.png.
+        if not name or any(p.anchor or ".." in p.parts for p in (PurePosixPath(name), PureWindowsPath(name))):
+            raise FinetuneError(f"{path}: file_name {name!r} must be a path inside {folder}")
+        image = folder / name
+        if not image.is_file():
+            raise FinetuneError(f"{path}: file_name {name!r} does not exist ({image})")
+        caption = _caption(row.get(cfg.caption_column), cfg)
+        examples.append(Example(key=PurePosixPath(name).as_posix(), caption=caption, path=image))
+    return sorted(examples, key=lambda e: e.key)
+
+
+def _read_metadata(path: Path) -> list[dict]:
+    text = _read_text(path)
+    if path.suffix.lower() == ".csv":
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FinetuneError(f"{path}, line {n}: not valid JSON: {e}") from None
+            if not isinstance(row, dict):
+                raise FinetuneError(f"{path}, line {n}: expected a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _from_datasets(cfg, path: Path) -> list[Example]:
+    import datasets
+
+    if path.is_dir() and any((path / m).is_file() for m in _SAVED_DATASET_MARKERS):
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as e:
+            raise FinetuneError(f"data.path: cannot load saved dataset {path}: {e}") from None
+    else:
+        target = str(path) if path.exists() else cfg.path
+        try:
+            ds = datasets.load_dataset(target, split=cfg.split)
+        except Exception as e:  # hub, network and builder errors alike become one line naming the path
+            where = "" if path.exists() else f"folder {path} does not exist, and "
+            raise FinetuneError(f"data.path: {where}loading {target!r} as a dataset failed: "
+                                f"{type(e).__name__}: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if cfg.split not in ds:
+            raise FinetuneError(f"data.split: no split {cfg.split!r} in {cfg.path}; splits are: {', '.join(ds)}")
+        ds = ds[cfg.split]
+    for column in (cfg.image_column, cfg.caption_column):
+        if column not in ds.column_names:
+            raise FinetuneError(f"data: dataset {cfg.path} has no column {column!r}; "
+                                f"columns are: {', '.join(ds.column_names)}")
+    if isinstance(ds.features[cfg.image_column], datasets.Image):
+        # Keep the encoded bytes: decoding every image up front would hold the whole set in memory.
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+    examples = []
+    for i, row in enumerate(ds.select_columns([cfg.image_column, cfg.caption_column])):
+        example = Example(key=f"{cfg.split}[{i}]", caption=_caption(row[cfg.caption_column], cfg))
+        _attach_image(example, row[cfg.image_column], path)
+        examples.append(example)
+    return examples
+
+
+def _attach_image(example: Example, value, base: Path) -> None:
+    if isinstance(value, Image.Image):
+        example.image = value
+    elif isinstance(value, dict) and value.get("bytes"):
+        example.data = value["bytes"]
+    elif isinstance(value, dict) and value.get("path"):
+        example.path = Path(value["path"])
+    elif isinstance(value, str) and value:
+        p = Path(value)
+        example.path = p if p.is_absolute() or not base.is_dir() else base / p
+    else:
+        raise FinetuneError(f"data: row {example.key} has no usable image ({type(value).__name__})")
+
+
+def _check_unique(examples: list[Example]) -> None:
+    seen: set[str] = set()
+    for e in examples:
+        if e.key in seen:
+            raise FinetuneError(f"data: two examples share the key {e.key!r}")
+        seen.add(e.key)

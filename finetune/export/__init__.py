@@ -1,0 +1,1 @@
+"""Exporters: files other tools read (kohya/webui and diffusers LoRA files, model cards)."""

@@ -1,0 +1,78 @@
+"""README.md model card for a run folder: what was trained on what, how to use it, samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import __version__
+
+
+def _trigger_words(recipe) -> list[str]:
+    words = list(recipe.output.trigger_words)
+    if recipe.data.instance_prompt and not words:
+        words.append(recipe.data.instance_prompt)
+    return words
+
+
+def write_model_card(run_dir: Path, recipe, family, source, run_name: str, files: list[Path],
+                     samples: list[Path], losses: list[float]) -> Path:
+    t, m, d = recipe.training, recipe.method, recipe.data
+    triggers = _trigger_words(recipe)
+    names = [f.name for f in files]
+    kohya = next((n for n in names if n != "pytorch_lora_weights.safetensors"), None)
+    lines = [
+        "---",
+        f"base_model: {source.label}",
+        "library_name: diffusers",
+        "tags: [text-to-image, lora, finetune]",
+        "---",
+        "",
+        f"# {run_name}",
+        "",
+        f"A {m.type.upper()} adapter for **{source.label}** ({family.name}), trained with finetune {__version__}.",
+        "",
+        "## Trigger words",
+        "",
+        *([f"- `{w}`" for w in triggers] or ["None: the adapter applies without a special word."]),
+        "",
+        "## Files",
+        "",
+        *[f"- `{n}`" + (" — diffusers/peft format: `pipe.load_lora_weights(run_folder)`" if n.startswith("pytorch_lora") else
+                        " — kohya format for ComfyUI, AUTOMATIC1111 and Forge (copy into `models/loras`)")
+          for n in names],
+        "",
+        "## Use it",
+        "",
+        "```python",
+        f"from diffusers import {family.pipeline_class.__name__}",
+        f"pipe = {family.pipeline_class.__name__}.from_pretrained({source.label!r})",
+        f"pipe.load_lora_weights({str(run_dir)!r})",
+        f"image = pipe({(recipe.validation.prompts or triggers or ['a photo'])[0]!r}).images[0]",
+        "```",
+        "",
+        *([f"In AUTOMATIC1111/Forge: add `<lora:{Path(kohya).stem}:1>` to the prompt."] if kohya else []),
+        "",
+        "## Recipe summary",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        f"| method | {m.type}, rank {getattr(m, 'rank', '-')}, alpha {getattr(m, 'alpha', None) or getattr(m, 'rank', '-')}"
+        f"{', text encoder too' if getattr(m, 'train_text_encoder', False) else ''} |",
+        f"| data | {d.path}, resolution {d.resolution}, repeats {d.repeats}, bucketing {'on' if d.bucketing.enabled else 'off'} |",
+        f"| steps | {len(losses)} (batch {t.batch_size} x accumulation {t.gradient_accumulation_steps}) |",
+        f"| optimizer | {recipe.optimizer.type}, learning rate {t.learning_rate}, scheduler {t.lr_scheduler} |",
+        f"| precision | {t.mixed_precision}; gradient checkpointing {'on' if t.gradient_checkpointing else 'off'} |",
+        f"| seed | {t.seed} |",
+        f"| final loss | {losses[-1]:.4f} |" if losses else "| final loss | - |",
+        "",
+        "The full resolved recipe is `recipe.yaml` in this folder; `finetune train recipe.yaml` reproduces the run.",
+        "",
+    ]
+    if samples:
+        lines += ["## Samples", ""]
+        for p in samples:
+            lines.append(f"![{p.stem}]({p.relative_to(run_dir).as_posix()})")
+        lines.append("")
+    card = run_dir / "README.md"
+    card.write_text("\n".join(lines), encoding="utf-8")
+    return card

@@ -1,0 +1,113 @@
+"""What a model family must provide. The training loop and the methods talk only to this.
+
+A family:
+- `matches(model_index)`: recognises its diffusers pipeline (for `model.family: auto`);
+- `load(source, cfg)`: returns `Components` (the pipeline and its parts, a training noise scheduler);
+- `encode_images(c, pixels)` -> latents; `encode_prompts(c, captions)` -> conditioning dict;
+- `sample_noisy(c, latents, noise_offset)` -> (model input, timesteps, target);
+- `predict(c, noisy, timesteps, cond)` -> model output; `loss_weights(c, timesteps, gamma)`;
+- LoRA defaults (`lora_targets`, `text_encoder_lora_targets`) and export naming
+  (`kohya_text_encoder_prefixes`, `kohya_base_model_version`);
+- `pipeline_class` for sampling and for diffusers' LoRA loaders.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import FinetuneError
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class ModelSource:
+    """Where a base model comes from: a built-in tiny model, a diffusers folder, one file, or the hub."""
+
+    kind: str  # "folder" | "single_file" | "hub"
+    location: str
+    label: str  # what the user wrote, for model cards and messages
+
+    def model_index(self) -> dict | None:
+        if self.kind == "folder":
+            return json.loads((Path(self.location) / "model_index.json").read_text())
+        return None
+
+
+def resolve_source(base: str, allow_pickle: bool = False) -> ModelSource:
+    from ..testing import BUILTIN_PREFIX, resolve_builtin
+
+    if base.startswith(BUILTIN_PREFIX):
+        return ModelSource("folder", str(resolve_builtin(base[len(BUILTIN_PREFIX):])), base)
+    p = Path(base).expanduser()
+    if p.is_dir():
+        if not (p / "model_index.json").is_file():
+            raise FinetuneError(f"model.base: {base} is a folder but not a diffusers model (no model_index.json)")
+        return ModelSource("folder", str(p), base)
+    if p.suffix in (".safetensors", *PICKLE_SUFFIXES):
+        if not p.is_file():
+            raise FinetuneError(f"model.base: file {base} does not exist")
+        if p.suffix != ".safetensors" and not allow_pickle:
+            raise FinetuneError(
+                f"model.base: {base} is a pickled checkpoint, which can run code when loaded; convert it to "
+                f".safetensors, or set model.allow_pickle=true if you trust its source")
+        return ModelSource("single_file", str(p), base)
+    if base.startswith((".", "/", "~")) or base.count("/") != 1:
+        raise FinetuneError(f"model.base: {base} is neither an existing folder/file nor a hub id (owner/name)")
+    return ModelSource("hub", base, base)
+
+
+@dataclass
+class Components:
+    pipeline: Any
+    denoiser: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: dict[str, torch.nn.Module]
+    tokenizers: dict[str, Any]
+    noise_scheduler: Any
+    source: ModelSource
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.denoiser, self.vae, *self.text_encoders.values()]
+
+
+class Family:
+    name: ClassVar[str]
+    pipeline_class: ClassVar[Any]
+    pipeline_class_names: ClassVar[tuple[str, ...]] = ()
+    lora_targets: ClassVar[list[str]]
+    text_encoder_lora_targets: ClassVar[list[str]]
+    kohya_text_encoder_prefixes: ClassVar[dict[str, str]]
+    kohya_base_model_version: ClassVar[str]
+    default_resolution: ClassVar[int] = 512
+
+    @classmethod
+    def matches(cls, model_index: dict) -> bool:
+        return model_index.get("_class_name") in cls.pipeline_class_names
+
+    def load(self, source: ModelSource, cfg) -> Components:
+        raise NotImplementedError
+
+    def encode_images(self, c: Components, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_prompts(self, c: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def sample_noisy(self, c: Components, latents: torch.Tensor, noise_offset: float = 0.0):
+        raise NotImplementedError
+
+    def predict(self, c: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss_weights(self, c: Components, timesteps: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor | None:
+        return None
+
+    def count_truncated(self, c: Components, captions: list[str]) -> int:
+        return 0

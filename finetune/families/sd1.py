@@ -1,0 +1,81 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, a UNet, epsilon or v-prediction."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import FinetuneError
+from . import _ddpm, register_family
+from .base import Components, Family, ModelSource
+
+
+@register_family("sd1")
+class SD1Family(Family):
+    name = "sd1"
+    pipeline_class_names = ("StableDiffusionPipeline",)
+    # Attention, projections and feed-forward of every transformer block: what kohya's LoRA trains.
+    lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+    text_encoder_lora_targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    kohya_text_encoder_prefixes = {"text_encoder": "lora_te"}
+    kohya_base_model_version = "sd_v1"
+
+    @property
+    def pipeline_class(self):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    def load(self, source: ModelSource, cfg) -> Components:
+        from diffusers import DDPMScheduler
+
+        kwargs = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        try:
+            if source.kind == "single_file":
+                pipe = self.pipeline_class.from_single_file(source.location, config=cfg.config, **kwargs)
+            else:
+                pipe = self.pipeline_class.from_pretrained(
+                    source.location, revision=cfg.revision, variant=cfg.variant, **kwargs)
+        except (OSError, ValueError, EnvironmentError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FinetuneError(f"model.base: cannot load {source.label}: {first}") from e
+        sched_config = dict(pipe.scheduler.config)
+        if cfg.prediction_type:
+            sched_config["prediction_type"] = cfg.prediction_type
+            pipe.scheduler = pipe.scheduler.__class__.from_config(sched_config)
+        noise_scheduler = DDPMScheduler.from_config(sched_config)
+        return Components(
+            pipeline=pipe, denoiser=pipe.unet, vae=pipe.vae,
+            text_encoders={"text_encoder": pipe.text_encoder}, tokenizers={"text_encoder": pipe.tokenizer},
+            noise_scheduler=noise_scheduler, source=source,
+        )
+
+    def encode_images(self, c: Components, pixels: torch.Tensor) -> torch.Tensor:
+        vae = c.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
+        return latents * vae.config.scaling_factor
+
+    def _ids(self, c: Components, captions: list[str]) -> torch.Tensor:
+        tok = c.tokenizers["text_encoder"]
+        return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+
+    def encode_prompts(self, c: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        te = c.text_encoders["text_encoder"]
+        hidden = te(self._ids(c, captions).to(te.device))[0]
+        return {"encoder_hidden_states": hidden}
+
+    def count_truncated(self, c: Components, captions: list[str]) -> int:
+        tok = c.tokenizers["text_encoder"]
+        return sum(len(tok(cap).input_ids) > tok.model_max_length for cap in captions)
+
+    def sample_noisy(self, c: Components, latents: torch.Tensor, noise_offset: float = 0.0):
+        return _ddpm.sample_noisy(c.noise_scheduler, latents, noise_offset)
+
+    def predict(self, c: Components, noisy, timesteps, cond) -> torch.Tensor:
+        hidden = cond["encoder_hidden_states"].to(noisy.dtype)
+        return c.denoiser(noisy, timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
+
+    def loss_weights(self, c: Components, timesteps, min_snr_gamma):
+        if not min_snr_gamma:
+            return None
+        return _ddpm.min_snr_weights(c.noise_scheduler, timesteps, min_snr_gamma)

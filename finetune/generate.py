@@ -1,0 +1,63 @@
+"""`finetune generate`: a base model, optional LoRAs, prompts -> image files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import FinetuneError
+
+
+def _lora_spec(spec: str) -> tuple[Path, float]:
+    path, weight = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and not Path(spec).exists():
+        try:
+            path, weight = head, float(tail)
+        except ValueError:
+            pass
+    p = Path(path)
+    if not p.exists():
+        raise FinetuneError(f"--lora: {path} does not exist")
+    if p.is_file() and p.suffix != ".safetensors":
+        raise FinetuneError(f"--lora: {path} is not a .safetensors file; pickled LoRA files are not loaded")
+    return p, weight
+
+
+def load_pipeline(base: str, family: str = "auto", loras: list[str] = ()):
+    from .recipe.schema import ModelConfig
+    from .train.loop import resolve_family
+
+    model_cfg = ModelConfig(base=base, family=family)
+    fam, source = resolve_family(model_cfg)
+    c = fam.load(source, model_cfg)
+    pipe = c.pipeline
+    names, weights = [], []
+    for i, spec in enumerate(loras):
+        path, weight = _lora_spec(spec)
+        name = f"lora{i}"
+        try:
+            if path.is_dir():
+                pipe.load_lora_weights(str(path), adapter_name=name)
+            else:
+                pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        except (ValueError, OSError, KeyError) as e:
+            raise FinetuneError(f"--lora: {path} could not be loaded into {source.label}: {str(e).splitlines()[0]}") from e
+        names.append(name)
+        weights.append(weight)
+    if names:
+        pipe.set_adapters(names, adapter_weights=weights)
+    return pipe, fam
+
+
+def generate(prompts, base, loras=(), n=1, seed=0, steps=25, guidance=7.5, negative=None, width=None,
+             height=None, out=Path("outputs/generated"), family="auto") -> list[Path]:
+    from .train.sampling import sample, save_samples
+
+    for name, v in (("--width", width), ("--height", height)):
+        if v is not None and v % 8:
+            raise FinetuneError(f"{name}: {v} is not a multiple of 8")
+    pipe, _ = load_pipeline(base, family, loras)
+    pipe.set_progress_bar_config(disable=True)
+    results = sample(pipe, list(prompts), seed=seed, n=n, steps=steps, guidance=guidance,
+                     negative_prompt=negative, width=width, height=height)
+    return save_samples(results, Path(out))

@@ -1,0 +1,37 @@
+"""What a training method must provide to the loop.
+
+- `Config`: its recipe section (a `Section` with a `type` literal naming the method);
+- `setup(c)`: freeze what stays fixed, add adapters, return optimizer parameter groups;
+- `trainable_modules(c)`: the modules whose parameters train (for accelerate and checkpointing);
+- `trains_text_encoder`: whether prompts must be encoded with gradients (no caching then);
+- `save(c, folder, output, name)`: write the method's artifacts, returning the files written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+
+class Method:
+    Config: ClassVar[type]
+
+    def __init__(self, cfg, family, training):
+        self.cfg = cfg
+        self.family = family
+        self.training = training
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return False
+
+    def setup(self, c) -> list[dict]:
+        raise NotImplementedError
+
+    def trainable_modules(self, c) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    def save(self, c, folder: Path, output, name: str) -> list[Path]:
+        raise NotImplementedError

@@ -1,0 +1,104 @@
+"""LoRA through peft on the denoiser and, optionally, the text encoder(s)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..config_base import Section
+from . import register_method
+from .base import Method
+
+
+class LoraConfig(Section):
+    type: Literal["lora"] = "lora"
+    rank: int = Field(8, ge=1, description="LoRA rank; 4-32 for styles and subjects.")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; default = rank (scale 1).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(
+        None, description="UNet module names to adapt; default: the family's attention and projection layers.")
+    train_text_encoder: bool = False
+    text_encoder_rank: int | None = Field(None, ge=1)
+    text_encoder_alpha: float | None = Field(None, gt=0)
+    text_encoder_target_modules: list[str] | None = None
+    text_encoder_lr: float | None = Field(None, gt=0, description="Text-encoder learning rate; default = training.learning_rate.")
+    init_lora_weights: Literal["default", "gaussian"] = "default"
+
+
+
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@register_method("lora")
+class LoraMethod(Method):
+    Config = LoraConfig
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.cfg.train_text_encoder
+
+    def _peft_config(self, rank, alpha, targets):
+        from peft import LoraConfig as PeftLoraConfig
+
+        return PeftLoraConfig(
+            r=rank, lora_alpha=alpha or rank, lora_dropout=self.cfg.dropout, target_modules=targets,
+            init_lora_weights="gaussian" if self.cfg.init_lora_weights == "gaussian" else True,
+        )
+
+    def setup(self, c) -> list[dict]:
+        for module in c.frozen_modules():
+            module.requires_grad_(False)
+        self.unet_config = self._peft_config(self.cfg.rank, self.cfg.alpha, self.cfg.target_modules or self.family.lora_targets)
+        c.denoiser.add_adapter(self.unet_config)
+        groups = [{"params": [p for p in c.denoiser.parameters() if p.requires_grad], "lr": self.training.learning_rate}]
+        self.text_encoder_configs = {}
+        if self.cfg.train_text_encoder:
+            te_lr = self.cfg.text_encoder_lr or self.training.learning_rate
+            for name, te in c.text_encoders.items():
+                config = self._peft_config(
+                    self.cfg.text_encoder_rank or self.cfg.rank,
+                    self.cfg.text_encoder_alpha or self.cfg.alpha or self.cfg.text_encoder_rank,
+                    self.cfg.text_encoder_target_modules or self.family.text_encoder_lora_targets)
+                te.add_adapter(config)
+                self.text_encoder_configs[name] = config
+                groups.append({"params": [p for p in te.parameters() if p.requires_grad], "lr": te_lr})
+        return groups
+
+    def trainable_modules(self, c) -> list[torch.nn.Module]:
+        return [c.denoiser, *(c.text_encoders[n] for n in self.text_encoder_configs)]
+
+    def state_dicts(self, c):
+        from peft.utils import get_peft_model_state_dict
+
+        unet = get_peft_model_state_dict(c.denoiser)
+        tes = {n: get_peft_model_state_dict(c.text_encoders[n]) for n in self.text_encoder_configs}
+        return unet, tes
+
+    def save(self, c, folder: Path, output, name: str) -> list[Path]:
+        from ..export.lora import kohya_alpha, kohya_metadata, peft_to_kohya, save_diffusers_lora, save_kohya_lora
+
+        folder = Path(folder)
+        dtype = SAVE_DTYPES[output.save_dtype]
+        unet_state, te_states = self.state_dicts(c)
+        written = []
+        if "diffusers" in output.formats:
+            save_diffusers_lora(folder, self.family.pipeline_class, unet_state, te_states, self.unet_config,
+                                self.text_encoder_configs, dtype, weight_name=DIFFUSERS_WEIGHT_NAME)
+            written.append(folder / DIFFUSERS_WEIGHT_NAME)
+        if "kohya" in output.formats:
+            state = peft_to_kohya(
+                unet_state, te_states, kohya_alpha(self.unet_config),
+                {n: kohya_alpha(cfg) for n, cfg in self.text_encoder_configs.items()},
+                self.family.kohya_text_encoder_prefixes)
+            meta = kohya_metadata(
+                base_model_version=self.family.kohya_base_model_version, rank=self.unet_config.r,
+                alpha=kohya_alpha(self.unet_config), output_name=name,
+                trains_text_encoder=bool(self.text_encoder_configs))
+            path = folder / f"{name}.safetensors"
+            save_kohya_lora(path, state, meta, dtype)
+            written.append(path)
+        return written

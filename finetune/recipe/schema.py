@@ -1,0 +1,166 @@
+"""The recipe: every key a YAML recipe may hold, with its type, default and allowed values.
+
+Unknown keys are rejected (`extra="forbid"`), so a typo is an error rather than a silent no-op.
+Cross-field rules that do not need a model (resolution vs. VAE scale, epochs vs. steps) live here
+too, so `finetune validate` catches them before anything loads.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union  # noqa: F401
+
+from pydantic import Field, field_validator, model_validator
+
+from ..config_base import Section
+
+
+class ModelConfig(Section):
+    base: str = Field(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        description="Hub id, local diffusers folder, single-file .safetensors checkpoint, or builtin:tiny-sd15.",
+    )
+    family: str = Field("auto", description="Model family (sd1, ...); auto detects it from the model.")
+    config: str | None = Field(
+        None, description="For a single-file checkpoint: a diffusers folder or hub id whose configs describe it.")
+    revision: str | None = None
+    variant: str | None = Field(None, description="Weight variant on the hub, e.g. fp16.")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="Override the scheduler's prediction type (v_prediction for SD2.x 768 models).")
+    allow_pickle: bool = Field(False, description="Allow loading pickled .ckpt/.bin weights (unsafe).")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v):
+        from ..families import FAMILIES
+
+        if v != "auto" and v not in FAMILIES.names():
+            raise ValueError(f"unknown family {v!r}; expected auto or one of: {', '.join(FAMILIES.names())}")
+        return v
+
+
+class BucketConfig(Section):
+    enabled: bool = Field(True, description="Group images by aspect ratio so non-square photos keep their framing.")
+    min_size: int | None = Field(None, gt=0, description="Smallest bucket side in pixels; default resolution/2.")
+    max_size: int | None = Field(None, gt=0, description="Largest bucket side in pixels; default resolution*2.")
+
+
+class DataConfig(Section):
+    path: str = Field(..., description="Image folder, metadata.jsonl/.csv file or folder, or a datasets name/folder.")
+    source: Literal["auto", "folder", "metadata", "datasets"] = "auto"
+    image_column: str = "image"
+    caption_column: str = "text"
+    split: str = "train"
+    caption_extension: str = ".txt"
+    instance_prompt: str | None = Field(None, description="Caption for images that have none (e.g. 'a photo of sks dog').")
+    resolution: int = Field(512, gt=0, description="Training side length in pixels (area for buckets).")
+    crop: Literal["center", "random"] = "center"
+    random_flip: bool = False
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    repeats: int = Field(1, ge=1)
+    bucketing: BucketConfig = Field(default_factory=BucketConfig)
+    cache_latents: Literal["auto", True, False] = Field(
+        "auto", description="Encode images once; auto = on when crops and flips are deterministic.")
+    cache_text_embeddings: Literal["auto", True, False] = Field(
+        "auto", description="Encode captions once; auto = on when the text encoder is frozen.")
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("resolution")
+    @classmethod
+    def _vae_multiple(cls, v):
+        # The VAE downsamples 8x; latents of any size then pass the UNet (diffusers pads odd sizes).
+        if v % 8:
+            raise ValueError(f"{v} is not a multiple of 8 (the VAE's scale factor); try {max(8, round(v / 8) * 8)}")
+        return v
+
+
+def _method_union():
+    from ..methods import METHODS
+
+    configs = tuple(cls.Config for _, cls in METHODS.items())
+    return Annotated[Union[configs], Field(discriminator="type")] if len(configs) > 1 else configs[0]
+
+
+MethodConfig = _method_union()
+
+
+class OptimizerConfig(Section):
+    type: Literal["adamw", "adamw8bit", "lion8bit", "lion", "sgd"] = Field(
+        "adamw", description="adamw8bit/lion8bit use bitsandbytes and cut optimizer memory by ~4x.")
+    weight_decay: float = Field(1e-2, ge=0.0)
+    betas: tuple[float, float] | None = Field(None, description="Default (0.9, 0.999) for AdamW, (0.9, 0.99) for Lion.")
+    eps: float = Field(1e-8, gt=0)
+    momentum: float = Field(0.0, ge=0.0, description="SGD only.")
+    min_8bit_size: int = Field(
+        4096, ge=1, description="8-bit optimizers keep tensors smaller than this in 32-bit (bitsandbytes' default).")
+
+
+class TrainingConfig(Section):
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; set this or epochs.")
+    epochs: int | None = Field(None, ge=1)
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine",
+                          "cosine_with_restarts", "polynomial"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting; 5.0 is the paper's value.")
+    noise_offset: float = Field(0.0, ge=0.0, description="0.05-0.1 helps very dark/bright images.")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    log_every_n_steps: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _length(self):
+        if self.max_steps is None and self.epochs is None:
+            self.max_steps = 1000
+        return self
+
+
+class ValidationConfig(Section):
+    prompts: list[str] = Field(default_factory=list, description="May use the trigger word.")
+    negative_prompt: str | None = None
+    every_n_steps: int | None = Field(None, ge=1, description="Also always sampled at the end when prompts are given.")
+    images_per_prompt: int = Field(1, ge=1)
+    seed: int = 0
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(7.5, ge=0.0)
+    width: int | None = Field(None, gt=0)
+    height: int | None = Field(None, gt=0)
+
+
+class OutputConfig(Section):
+    run_name: str | None = Field(None, description="Folder name under output.dir; default: recipe name + time.")
+    dir: str = "outputs"
+    save_every_n_steps: int | None = Field(None, ge=1)
+    formats: list[Literal["diffusers", "kohya"]] = Field(default_factory=lambda: ["diffusers", "kohya"])
+    save_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
+    trigger_words: list[str] = Field(default_factory=list, description="Listed in the model card.")
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_name(cls, v):
+        if v is not None and (not v or "/" in v or "\\" in v or v in (".", "..") or v.startswith(".")):
+            raise ValueError("a run name is one folder name: no '/', '\\' or leading '.'")
+        return v
+
+
+class Recipe(Section):
+    description: str | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=lambda: {"type": "lora"}, validate_default=True)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        multiple = 8
+        for key in ("width", "height"):
+            v = getattr(self.validation, key)
+            if v is not None and v % multiple:
+                raise ValueError(f"validation.{key}: {v} is not a multiple of {multiple}")
+        return self

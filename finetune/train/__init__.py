@@ -1,0 +1,3 @@
+from .loop import RunResult, train
+
+__all__ = ["RunResult", "train"]

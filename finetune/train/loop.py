@@ -1,0 +1,274 @@
+"""The one training loop. It knows nothing of SD1 vs SDXL or LoRA vs DreamBooth: the family
+turns images and captions into model inputs and targets, the method decides what trains and
+what is saved; the loop does the accumulation, precision, logging, sampling and checkpoints."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import FinetuneError
+from .optim import build_optimizer
+from .run_dir import MetricsLog, create_run_dir
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    files: list[Path]
+    losses: list[float]
+    steps: int
+    samples: list[Path] = field(default_factory=list)
+    # In-memory objects for callers that go on using them (tests, notebooks).
+    components: object = None
+    optimizer: object = None
+
+
+def preflight(recipe) -> None:
+    """Hardware checks that need no model: fail before anything heavy loads."""
+    mp = recipe.training.mixed_precision
+    if mp == "fp16" and not torch.cuda.is_available():
+        raise FinetuneError("training.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    if mp == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise FinetuneError("training.mixed_precision: this GPU does not support bf16; use fp16")
+
+
+def resolve_family(model_cfg):
+    """The family and the source of the base model described by a recipe's `model` section."""
+    from ..families import detect_family, get_family
+    from ..families.base import resolve_source
+
+    source = resolve_source(model_cfg.base, model_cfg.allow_pickle)
+    if model_cfg.family != "auto":
+        return get_family(model_cfg.family), source
+    index = source.model_index()
+    if index is None:
+        return get_family("sd1"), source  # single files and hub ids: SD1.x/2.x unless told otherwise
+    return detect_family(index), source
+
+
+def apply_memory_options(c, method, training) -> None:
+    if training.gradient_checkpointing:
+        c.denoiser.enable_gradient_checkpointing()
+        for te in method.trainable_modules(c)[1:]:
+            if hasattr(te, "gradient_checkpointing_enable"):
+                te.gradient_checkpointing_enable()
+
+
+def decide_caching(recipe, dataset, method) -> tuple[bool, bool]:
+    data = recipe.data
+    latents = dataset.deterministic if data.cache_latents == "auto" else bool(data.cache_latents)
+    if latents and not dataset.deterministic:
+        raise FinetuneError("data.cache_latents: cannot cache latents with random crops or flips; "
+                            "set data.crop=center and data.random_flip=false, or cache_latents=false")
+    text = not method.trains_text_encoder if data.cache_text_embeddings == "auto" else bool(data.cache_text_embeddings)
+    if text and method.trains_text_encoder:
+        raise FinetuneError("data.cache_text_embeddings: cannot cache while the text encoder trains; set it to false or auto")
+    return latents, text
+
+
+def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = print,
+          progress: bool = True) -> RunResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from tqdm.auto import tqdm
+
+    from ..data import BucketBatchSampler, ImageCaptionDataset, collate, discover_examples
+    from ..export.model_card import write_model_card
+    from ..methods import get_method
+    from .sampling import sample, save_samples
+
+    preflight(recipe)
+    tr = recipe.training
+    family, source = resolve_family(recipe.model)
+    base_dir = recipe_path.parent if recipe_path else None
+    examples = discover_examples(recipe.data, base_dir)
+    dataset = ImageCaptionDataset(examples, recipe.data, seed=tr.seed)
+    log(f"data: {len(examples)} images x {recipe.data.repeats} repeats from {recipe.data.path}")
+
+    accelerator = Accelerator(mixed_precision=tr.mixed_precision, gradient_accumulation_steps=tr.gradient_accumulation_steps)
+    set_seed(tr.seed)
+    run_dir, run_name = create_run_dir(recipe, recipe_path)
+    log(f"run folder: {run_dir}")
+
+    log(f"loading {source.label} ({family.name})")
+    c = family.load(source, recipe.model)
+    method = get_method(recipe.method, family, tr)
+    groups = method.setup(c)
+    weight_dtype = WEIGHT_DTYPES[tr.mixed_precision]
+    device = accelerator.device
+    # The VAE stays fp32: SD VAEs overflow in fp16 (NaN latents, black images).
+    c.vae.to(device, dtype=torch.float32)
+    c.denoiser.to(device, dtype=weight_dtype)
+    for te in c.text_encoders.values():
+        te.to(device, dtype=weight_dtype)
+    trainable = method.trainable_modules(c)
+    if weight_dtype != torch.float32:
+        cast_training_params(trainable, dtype=torch.float32)
+    apply_memory_options(c, method, tr)
+    n_trainable = sum(p.numel() for g in groups for p in g["params"])
+    log(f"method {recipe.method.type}: {n_trainable:,} trainable parameters")
+
+    cache_latents, cache_text = decide_caching(recipe, dataset, method)
+    sampler = BucketBatchSampler(dataset.bucket_of_index, tr.batch_size, seed=tr.seed)
+    steps_per_epoch = max(1, math.ceil(len(sampler) / tr.gradient_accumulation_steps))
+    max_steps = tr.max_steps or tr.epochs * steps_per_epoch
+    n_epochs = math.ceil(max_steps / steps_per_epoch)
+
+    optimizer = build_optimizer(groups, recipe.optimizer, tr.learning_rate)
+    lr_scheduler = get_scheduler(tr.lr_scheduler, optimizer, num_warmup_steps=tr.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_steps * accelerator.num_processes)
+    prepared = accelerator.prepare(*trainable, optimizer, lr_scheduler)
+    trainable, optimizer, lr_scheduler = list(prepared[:-2]), prepared[-2], prepared[-1]
+    c.denoiser = trainable[0]
+    params = [p for g in groups for p in g["params"]]
+
+    latent_cache: dict[str, torch.Tensor] = {}
+    text_cache: dict[str, dict[str, torch.Tensor]] = {}
+    n_examples = len(examples)
+    if cache_latents:
+        with torch.no_grad():
+            for i in tqdm(range(n_examples), desc="caching latents", disable=not progress):
+                item = dataset[i]
+                latent = family.encode_images(c, item["pixel_values"][None].to(device))[0]
+                if not torch.isfinite(latent).all():
+                    raise FinetuneError(f"the VAE produced NaN/inf latents for {item['key']}")
+                latent_cache[item["key"]] = latent.to(weight_dtype)
+
+    truncated = family.count_truncated(c, [e.caption or "" for e in examples])
+    if truncated:
+        log(f"warning: {truncated} caption(s) are longer than the text encoder's token limit and will be cut")
+
+    def conditioning(captions: list[str]) -> dict[str, torch.Tensor]:
+        if not cache_text:
+            return family.encode_prompts(c, captions)
+        missing = [cap for cap in dict.fromkeys(captions) if cap not in text_cache]
+        if missing:
+            with torch.no_grad():
+                enc = family.encode_prompts(c, missing)
+            for j, cap in enumerate(missing):
+                text_cache[cap] = {k: v[j] for k, v in enc.items()}
+        return {k: torch.stack([text_cache[cap][k] for cap in captions]) for k in text_cache[captions[0]]}
+
+    def batches(epoch: int):
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        for indices in sampler:
+            if cache_latents:
+                keys = [examples[i % n_examples].key for i in indices]
+                yield {"latents": torch.stack([latent_cache[k] for k in keys]),
+                       "captions": [dataset.caption(i) for i in indices], "keys": keys}
+            else:
+                batch = collate([dataset[i] for i in indices])
+                yield {"pixel_values": batch["pixel_values"], "captions": batch["caption"], "keys": batch["key"]}
+
+    def validate(step: int) -> list[Path]:
+        v = recipe.validation
+        if not v.prompts:
+            return []
+        for m in trainable:
+            m.eval()
+        pipe = c.pipeline
+        pipe.set_progress_bar_config(disable=True)
+        res = recipe.data.resolution
+        results = sample(pipe, v.prompts, seed=v.seed, n=v.images_per_prompt, steps=v.num_inference_steps,
+                         guidance=v.guidance_scale, negative_prompt=v.negative_prompt,
+                         width=v.width or res, height=v.height or res, autocast=accelerator.autocast)
+        for m in trainable:
+            m.train()
+        return save_samples(results, run_dir / "samples" / f"step-{step:06d}")
+
+    def save_checkpoint(step: int) -> None:
+        # Written whole into a temporary folder, then renamed: a crash never leaves half a checkpoint.
+        final = run_dir / "checkpoints" / f"step-{step:06d}"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+        try:
+            method.save(c, tmp, recipe.output, run_name)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    log(f"training {max_steps} steps ({n_epochs} epochs of {steps_per_epoch}), batch {tr.batch_size} "
+        f"x {tr.gradient_accumulation_steps} accumulation, on {device}")
+    bar = tqdm(total=max_steps, desc="train", disable=not progress or not accelerator.is_main_process)
+    for m in trainable:
+        m.train()
+    losses, samples, step, window = [], [], 0, []
+    start = last = time.perf_counter()
+    images_seen = 0
+    for epoch in range(n_epochs):
+        for batch in batches(epoch):
+            with accelerator.accumulate(*trainable):
+                if "latents" in batch:
+                    latents = batch["latents"].to(device)
+                else:
+                    with torch.no_grad():
+                        latents = family.encode_images(c, batch["pixel_values"].to(device))
+                latents = latents.to(weight_dtype)
+                cond = conditioning(batch["captions"])
+                noisy, timesteps, target = family.sample_noisy(c, latents, tr.noise_offset)
+                with accelerator.autocast():
+                    pred = family.predict(c, noisy, timesteps, cond)
+                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+                weights = family.loss_weights(c, timesteps, tr.min_snr_gamma)
+                loss = (loss * weights).mean() if weights is not None else loss.mean()
+                if not torch.isfinite(loss):
+                    raise FinetuneError(f"loss became {loss.item()} at step {step + 1} on {', '.join(batch['keys'])}; "
+                                        "lower training.learning_rate, or use bf16 instead of fp16")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and tr.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, tr.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            window.append(loss.detach().item())
+            images_seen += len(batch["keys"])
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            step_loss = sum(window) / len(window)
+            window = []
+            losses.append(step_loss)
+            lr = lr_scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            if step % tr.log_every_n_steps == 0 or step == max_steps:
+                now = time.perf_counter()
+                metrics.write(step=step, epoch=epoch, loss=step_loss, lr=lr,
+                              images_per_second=images_seen / max(now - last, 1e-9), elapsed_s=round(now - start, 3))
+                last, images_seen = now, 0
+            v_every = recipe.validation.every_n_steps
+            if v_every and step % v_every == 0 and step != max_steps:
+                samples += validate(step)
+            s_every = recipe.output.save_every_n_steps
+            if s_every and step % s_every == 0 and step != max_steps:
+                save_checkpoint(step)
+            if step >= max_steps:
+                break
+        if step >= max_steps:
+            break
+    bar.close()
+    metrics.close()
+
+    c.denoiser = accelerator.unwrap_model(c.denoiser)
+    files = method.save(c, run_dir, recipe.output, run_name)
+    final_samples = validate(step)
+    samples += final_samples
+    card = write_model_card(run_dir, recipe, family, source, run_name, files, final_samples, losses)
+    log(f"done: {step} steps, final loss {losses[-1]:.4f}; wrote {', '.join(str(f) for f in [*files, card])}")
+    return RunResult(run_dir=run_dir, files=files, losses=losses, steps=step, samples=samples,
+                     components=c, optimizer=optimizer)
