@@ -30,6 +30,11 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     for name in ("bitsandbytes", "transformers", "diffusers", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
 
 
 @contextlib.contextmanager

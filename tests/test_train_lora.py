@@ -150,7 +150,8 @@ def test_gradient_checkpointing_recomputes_forward(tiny_sd15):
         c.denoiser.train()
         block = c.denoiser.down_blocks[0].attentions[0].transformer_blocks[0]
         calls = []
-        block.register_forward_hook(lambda *a: calls.append(1))
+        # A pre-hook: non-reentrant checkpointing stops a recomputed forward early, before post-hooks.
+        block.register_forward_pre_hook(lambda *a: calls.append(1))
         latents = torch.randn(1, 4, 8, 8)
         cond = family.encode_prompts(c, ["x"])
         out = family.predict(c, latents, torch.tensor([10]), cond)

@@ -4,6 +4,7 @@ what is saved; the loop does the accumulation, precision, logging, sampling and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import FinetuneError
 from .optim import build_optimizer
-from .run_dir import MetricsLog, create_run_dir
+from .run_dir import MetricsLog, create_run_dir, plan_run_dir
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -81,14 +82,10 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
           progress: bool = True) -> RunResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
-    from tqdm.auto import tqdm
 
-    from ..data import BucketBatchSampler, ImageCaptionDataset, collate, discover_examples
-    from ..export.model_card import write_model_card
+    from ..data import ImageCaptionDataset, discover_examples
     from ..methods import get_method
-    from .sampling import sample, save_samples
 
     preflight(recipe)
     tr = recipe.training
@@ -98,10 +95,9 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     dataset = ImageCaptionDataset(examples, recipe.data, seed=tr.seed)
     log(f"data: {len(examples)} images x {recipe.data.repeats} repeats from {recipe.data.path}")
 
+    run_dir, run_name = plan_run_dir(recipe, recipe_path)
     accelerator = Accelerator(mixed_precision=tr.mixed_precision, gradient_accumulation_steps=tr.gradient_accumulation_steps)
     set_seed(tr.seed)
-    run_dir, run_name = create_run_dir(recipe, recipe_path)
-    log(f"run folder: {run_dir}")
 
     log(f"loading {source.label} ({family.name})")
     c = family.load(source, recipe.model)
@@ -120,7 +116,36 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     apply_memory_options(c, method, tr)
     n_trainable = sum(p.numel() for g in groups for p in g["params"])
     log(f"method {recipe.method.type}: {n_trainable:,} trainable parameters")
+    create_run_dir(run_dir, recipe)
+    log(f"run folder: {run_dir}")
+    with _discard_if_failed(run_dir):
+        return _train_loop(recipe, log, progress, accelerator, family, source, c, method, groups, dataset,
+                           examples, run_dir, run_name, weight_dtype)
 
+
+@contextlib.contextmanager
+def _discard_if_failed(run_dir: Path):
+    try:
+        yield
+    except BaseException:
+        # A run that dies before its first checkpoint leaves nothing worth keeping.
+        if not (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _train_loop(recipe, log, progress, accelerator, family, source, c, method, groups, dataset, examples,
+                run_dir, run_name, weight_dtype) -> RunResult:
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from ..data import BucketBatchSampler, collate
+    from ..export.model_card import write_model_card
+    from .sampling import sample, save_samples
+
+    tr = recipe.training
+    device = accelerator.device
+    trainable = method.trainable_modules(c)
     cache_latents, cache_text = decide_caching(recipe, dataset, method)
     sampler = BucketBatchSampler(dataset.bucket_of_index, tr.batch_size, seed=tr.seed)
     steps_per_epoch = max(1, math.ceil(len(sampler) / tr.gradient_accumulation_steps))
