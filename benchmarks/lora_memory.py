@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -44,53 +44,72 @@ def make_images(folder: Path, n: int, size: int) -> None:
         (folder / f"{i}.txt").write_text(f"a photo of sks ball, view {i}")
 
 
+def run_one(index: int, args, work: Path) -> dict:
+    """Train one configuration; runs in its own process so no memory is carried between configs."""
+    from finetune.recipe import load_recipe
+    from finetune.train import train
+
+    label, overrides = CONFIGS[index]
+    sets = [f"{k}={v}" for k, v in overrides.items()] + [
+        "model.base=builtin:sd15-full-random", f"data.path={work / 'data'}", f"data.resolution={args.resolution}",
+        f"training.max_steps={args.steps}", f"training.batch_size={args.batch}", "training.lr_warmup_steps=0",
+        "validation.prompts=[]", "output.save_every_n_steps=null", f"output.dir={work / 'runs'}",
+        f"output.run_name=r{index}", "method.rank=16", "method.alpha=16"]
+    recipe, path = load_recipe("sd15-lora", sets)
+    torch.cuda.reset_peak_memory_stats()
+    result = train(recipe, path, log=lambda *_: None, progress=False)
+    metrics = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    # Steady-state speed: skip the first third of the steps (cuDNN autotuning, allocator warm-up).
+    skip = len(metrics) // 3
+    span = metrics[-1]["elapsed_s"] - metrics[skip - 1]["elapsed_s"]
+    return {"label": label, "peak": torch.cuda.max_memory_allocated() / 2**30,
+            "its": (len(metrics) - skip) / span, "loss": result.losses[-1]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--out", type=Path, default=None, help="Also write the table (markdown) here.")
+    ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/lora_memory.py needs a CUDA GPU; none found.")
         return
-
-    from finetune.recipe import load_recipe
-    from finetune.train import train
+    if args.one is not None:
+        print("RESULT " + json.dumps(run_one(args.one, args, args.work)), flush=True)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="ft-bench-"))
     os.environ.setdefault("FINETUNE_CACHE", str(work / "cache"))
     make_images(work / "data", 8, args.resolution)
-    rows = []
-    for label, overrides in CONFIGS:
-        sets = [f"{k}={v}" for k, v in overrides.items()] + [
-            "model.base=builtin:sd15-full-random", f"data.path={work / 'data'}", f"data.resolution={args.resolution}",
-            f"training.max_steps={args.steps}", f"training.batch_size={args.batch}", "training.lr_warmup_steps=0",
-            "validation.prompts=[]", "output.save_every_n_steps=null", f"output.dir={work / 'runs'}",
-            f"output.run_name=r{len(rows)}", "method.rank=16", "method.alpha=16"]
-        recipe, path = load_recipe("sd15-lora", sets)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        result = train(recipe, path, log=lambda *_: None, progress=False)
-        wall = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated() / 2**30
-        metrics = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-        # Steady-state speed: skip the first third of the steps (cuDNN autotuning, allocator warm-up).
-        skip = len(metrics) // 3
-        span = metrics[-1]["elapsed_s"] - metrics[skip - 1]["elapsed_s"]
-        its = (len(metrics) - skip) / span
-        rows.append((label, peak, its, wall, result.losses[-1]))
-        del result
-        print(f"{label:<36} peak {peak:6.2f} GiB  {its:5.2f} it/s  (wall {wall:5.1f} s)", flush=True)
+    from finetune.testing import resolve_builtin
 
-    base_peak, base_its = rows[0][1], rows[0][2]
+    resolve_builtin("sd15-full-random")  # build once, outside the timed runs
+    rows = []
+    for i in range(len(CONFIGS)):
+        cmd = [sys.executable, __file__, "--one", str(i), "--work", str(work), "--steps", str(args.steps),
+               "--batch", str(args.batch), "--resolution", str(args.resolution)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{CONFIGS[i][0]}: failed\n{out.stderr[-3000:]}", flush=True)
+            continue
+        row = json.loads(line[len("RESULT "):])
+        rows.append(row)
+        print(f"{row['label']:<36} peak {row['peak']:6.2f} GiB  {row['its']:5.2f} it/s  loss {row['loss']:.4f}", flush=True)
+    if not rows:
+        return
+    base = rows[0]
     gpu = torch.cuda.get_device_name()
     lines = [f"SD1.5-shaped UNet (860M params, random weights), LoRA rank 16, {args.resolution} px, batch {args.batch}, "
-             f"{args.steps} steps, {gpu}, torch {torch.__version__}", "",
+             f"{args.steps} steps, {gpu}, torch {torch.__version__}; ratios against the first row, same run", "",
              "| configuration | peak VRAM (GiB) | vs first | it/s | vs first |", "| --- | --- | --- | --- | --- |"]
-    for label, peak, its, _, _ in rows:
-        lines.append(f"| {label} | {peak:.2f} | {peak / base_peak:.2f}x | {its:.2f} | {its / base_its:.2f}x |")
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['peak']:.2f} | {r['peak'] / base['peak']:.2f}x | {r['its']:.2f} | "
+                     f"{r['its'] / base['its']:.2f}x |")
     table = "\n".join(lines)
     print("\n" + table)
     if args.out:

@@ -124,3 +124,11 @@ def test_yaml_is_data_not_code(tmp_path):
     p = write(tmp_path, "r.yaml", "data: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(p)
+
+
+def test_bare_no_means_no_mixed_precision(tmp_path):
+    p = write(tmp_path, "r.yaml", "data: {path: a}\ntraining:\n  mixed_precision: no\n")
+    recipe, _ = load_recipe(p)
+    assert recipe.training.mixed_precision == "no"
+    recipe, _ = load_recipe(p, ["training.mixed_precision=no"])
+    assert recipe.training.mixed_precision == "no"

@@ -111,6 +111,12 @@ class TrainingConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     log_every_n_steps: int = Field(1, ge=1)
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        # YAML 1.1 reads a bare `no` as false; it plainly means "no mixed precision".
+        return "no" if v is False else v
+
     @model_validator(mode="after")
     def _length(self):
         if self.max_steps is None and self.epochs is None:

@@ -81,6 +81,7 @@ def decide_caching(recipe, dataset, method) -> tuple[bool, bool]:
 def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = print,
           progress: bool = True) -> RunResult:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from diffusers.training_utils import cast_training_params
 
@@ -96,6 +97,9 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     log(f"data: {len(examples)} images x {recipe.data.repeats} repeats from {recipe.data.path}")
 
     run_dir, run_name = plan_run_dir(recipe, recipe_path)
+    # accelerate keeps process-wide state; a second run in one process (notebooks, benchmarks)
+    # may ask for another precision, so start from a clean slate each time.
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision=tr.mixed_precision, gradient_accumulation_steps=tr.gradient_accumulation_steps)
     set_seed(tr.seed)
 
