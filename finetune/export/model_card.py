@@ -65,7 +65,8 @@ def write_model_card(run_dir: Path, recipe, family, source, run_name: str, files
         f"| seed | {t.seed} |",
         f"| final loss | {losses[-1]:.4f} |" if losses else "| final loss | - |",
         "",
-        "The full resolved recipe is `recipe.yaml` in this folder; `finetune train recipe.yaml` reproduces the run.",
+        "The full resolved recipe is `recipe.yaml` in this folder; `finetune train recipe.yaml output.run_name=NEW` "
+        "reproduces the run into a new folder.",
         "",
     ]
     if samples:
