@@ -190,3 +190,14 @@ def test_epochs_instead_of_steps(tiny_sd15, tmp_path):
     result = run(tmp_path, tiny_sd15, training__max_steps=None, training__epochs=2)
     per_epoch = result.steps // 2
     assert result.steps == 2 * per_epoch and per_epoch >= 2
+
+
+def test_bf16_mixed_precision_on_cpu(tiny_sd15, tmp_path):
+    """bf16 autocast runs on CPU too: base weights in bf16, LoRA weights kept in fp32."""
+    result = run(tmp_path, tiny_sd15, training__max_steps=2, training__mixed_precision="bf16")
+    unet = result.components.denoiser
+    lora = [p for n, p in unet.named_parameters() if "lora_" in n]
+    base = [p for n, p in unet.named_parameters() if "lora_" not in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    assert all(p.dtype == torch.bfloat16 for p in base)
+    assert all(torch.isfinite(torch.tensor(result.losses)))

@@ -7,6 +7,9 @@ from pathlib import Path
 from .. import __version__
 
 
+METHOD_NAMES = {"lora": "LoRA"}
+
+
 def _trigger_words(recipe) -> list[str]:
     words = list(recipe.output.trigger_words)
     if recipe.data.instance_prompt and not words:
@@ -17,6 +20,13 @@ def _trigger_words(recipe) -> list[str]:
 def write_model_card(run_dir: Path, recipe, family, source, run_name: str, files: list[Path],
                      samples: list[Path], losses: list[float]) -> Path:
     t, m, d = recipe.training, recipe.method, recipe.data
+    method_name = METHOD_NAMES.get(m.type, m.type)
+    cls = family.pipeline_class.__name__
+    # A snippet that runs as written: builtin models are folders on disk, single files load differently.
+    if source.kind == "single_file":
+        load = f"pipe = {cls}.from_single_file({source.location!r})"
+    else:
+        load = f"pipe = {cls}.from_pretrained({(source.location if source.kind == 'folder' else source.label)!r})"
     triggers = _trigger_words(recipe)
     names = [f.name for f in files]
     kohya = next((n for n in names if n != "pytorch_lora_weights.safetensors"), None)
@@ -29,12 +39,14 @@ def write_model_card(run_dir: Path, recipe, family, source, run_name: str, files
         "",
         f"# {run_name}",
         "",
-        f"A {m.type.upper()} adapter for **{source.label}** ({family.name}), trained with finetune {__version__}.",
+        f"A {method_name} adapter for **{source.label}** ({family.name}), trained with finetune {__version__}.",
         "",
         "## Trigger words",
         "",
         *([f"- `{w}`" for w in triggers] or ["None: the adapter applies without a special word."]),
         "",
+        *(["## Validation prompts", "", *[f"- {p}" for p in recipe.validation.prompts], ""]
+          if recipe.validation.prompts else []),
         "## Files",
         "",
         *[f"- `{n}`" + (" — diffusers/peft format: `pipe.load_lora_weights(run_folder)`" if n.startswith("pytorch_lora") else
@@ -44,8 +56,8 @@ def write_model_card(run_dir: Path, recipe, family, source, run_name: str, files
         "## Use it",
         "",
         "```python",
-        f"from diffusers import {family.pipeline_class.__name__}",
-        f"pipe = {family.pipeline_class.__name__}.from_pretrained({source.label!r})",
+        f"from diffusers import {cls}",
+        load,
         f"pipe.load_lora_weights({str(run_dir)!r})",
         f"image = pipe({(recipe.validation.prompts or triggers or ['a photo'])[0]!r}).images[0]",
         "```",
