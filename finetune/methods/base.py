@@ -4,6 +4,8 @@
 - `setup(c)`: freeze what stays fixed, add adapters, return optimizer parameter groups;
 - `trainable_modules(c)`: the modules whose parameters train (for accelerate and checkpointing);
 - `trains_text_encoder`: whether prompts must be encoded with gradients (no caching then);
+- `prepare_caption(caption)`: rewrite a training caption (e.g. expand a multi-vector token);
+- `after_step(c)`: called after every optimizer step (e.g. restore rows that must not change);
 - `save(c, folder, output, name)`: write the method's artifacts, returning the files written.
 """
 
@@ -32,6 +34,12 @@ class Method:
 
     def trainable_modules(self, c) -> list[torch.nn.Module]:
         raise NotImplementedError
+
+    def prepare_caption(self, caption: str) -> str:
+        return caption
+
+    def after_step(self, c) -> None:
+        pass
 
     def save(self, c, folder: Path, output, name: str) -> list[Path]:
         raise NotImplementedError

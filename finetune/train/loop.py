@@ -248,7 +248,7 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
                     with torch.no_grad():
                         latents = family.encode_images(c, batch["pixel_values"].to(device))
                 latents = latents.to(weight_dtype)
-                cond = conditioning(batch["captions"])
+                cond = conditioning([method.prepare_caption(cap) for cap in batch["captions"]])
                 noisy, timesteps, target = family.sample_noisy(c, latents, tr.noise_offset)
                 with accelerator.autocast():
                     pred = family.predict(c, noisy, timesteps, cond)
@@ -264,6 +264,8 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    method.after_step(c)
             window.append(loss.detach().item())
             images_seen += len(batch["keys"])
             if not accelerator.sync_gradients:
