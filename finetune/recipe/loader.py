@@ -4,6 +4,7 @@ error messages that name the file, the key path and what would be valid."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -159,8 +160,11 @@ def format_errors(err: ValidationError, source: str) -> list[str]:
             msg = f"unknown type {e['ctx'].get('tag')!r}; expected one of {e['ctx'].get('expected_tags')}"
         elif kind == "value_error":
             msg = e["msg"].removeprefix("Value error, ")
-            if ": " in msg and not e["loc"]:
-                path, msg = msg.split(": ", 1)
+            # Cross-field checks name the key they are about as "key.path: message".
+            named = re.match(r"^([a-z_0-9]+(?:\.[a-z_0-9]+)*): ", msg)
+            if named:
+                path = f"{path}.{named.group(1)}" if e["loc"] else named.group(1)
+                msg = msg[named.end():]
         else:
             msg = f"{e['msg']} (got {e.get('input')!r})"
         lines.append(f"{source}: {path}: {msg}")

@@ -124,6 +124,31 @@ class TrainingConfig(Section):
         return self
 
 
+class PriorPreservationConfig(Section):
+    """DreamBooth's prior preservation: images of the subject's class, made by the base model, train
+    alongside the subject so the class word keeps its meaning ("a dog" stays any dog)."""
+
+    enabled: bool = False
+    class_prompt: str | None = Field(None, description="The class without the identifier, e.g. 'a photo of a dog'.")
+    class_data_dir: str | None = Field(
+        None, description="Folder of class images; missing ones are generated into it and reused next time.")
+    num_class_images: int = Field(100, ge=1, description="100-200 per subject is usual.")
+    prior_loss_weight: float = Field(1.0, ge=0.0, description="Weight of the class loss; users report 0.2-1.0.")
+    sample_batch_size: int = Field(4, ge=1, description="Batch size when generating class images.")
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(7.5, ge=0.0)
+    negative_prompt: str | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _needs_prompt(self):
+        if self.enabled and not self.class_prompt:
+            raise ValueError("class_prompt: required when prior preservation is enabled (e.g. 'a photo of a dog')")
+        if self.enabled and not self.class_data_dir:
+            raise ValueError("class_data_dir: required when prior preservation is enabled (a folder; it may be empty)")
+        return self
+
+
 class ValidationConfig(Section):
     prompts: list[str] = Field(default_factory=list, description="May use the trigger word.")
     negative_prompt: str | None = None
@@ -159,6 +184,7 @@ class Recipe(Section):
     method: MethodConfig = Field(default_factory=lambda: {"type": "lora"}, validate_default=True)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    prior_preservation: PriorPreservationConfig = Field(default_factory=PriorPreservationConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FinetuneError
+from .batches import BatchSource
 from .optim import build_optimizer
 from .run_dir import MetricsLog, create_run_dir, plan_run_dir
 
@@ -86,6 +87,7 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     from diffusers.training_utils import cast_training_params
 
     from ..data import ImageCaptionDataset, discover_examples
+    from ..data.prior import ensure_class_images
     from ..methods import get_method
 
     preflight(recipe)
@@ -105,8 +107,6 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
 
     log(f"loading {source.label} ({family.name})")
     c = family.load(source, recipe.model)
-    method = get_method(recipe.method, family, tr)
-    groups = method.setup(c)
     weight_dtype = WEIGHT_DTYPES[tr.mixed_precision]
     device = accelerator.device
     # The VAE stays fp32: SD VAEs overflow in fp16 (NaN latents, black images).
@@ -114,6 +114,17 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     c.denoiser.to(device, dtype=weight_dtype)
     for te in c.text_encoders.values():
         te.to(device, dtype=weight_dtype)
+    class_files = []
+    pp = recipe.prior_preservation
+    if pp.enabled:
+        # Made by the untouched base model, before any adapter is attached.
+        with accelerator.autocast():
+            class_files = ensure_class_images(c.pipeline, pp, recipe.data.resolution, log, progress)
+        if not class_files:
+            raise FinetuneError(f"prior_preservation.class_data_dir: no usable class images in {pp.class_data_dir}")
+        log(f"prior preservation: {len(class_files)} class images, prior loss weight {pp.prior_loss_weight}")
+    method = get_method(recipe.method, family, tr)
+    groups = method.setup(c)
     trainable = method.trainable_modules(c)
     if weight_dtype != torch.float32:
         cast_training_params(trainable, dtype=torch.float32)
@@ -124,7 +135,7 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     log(f"run folder: {run_dir}")
     with _discard_if_failed(run_dir):
         return _train_loop(recipe, log, progress, accelerator, family, source, c, method, groups, dataset,
-                           examples, run_dir, run_name, weight_dtype)
+                           examples, class_files, run_dir, run_name, weight_dtype)
 
 
 @contextlib.contextmanager
@@ -139,11 +150,12 @@ def _discard_if_failed(run_dir: Path):
 
 
 def _train_loop(recipe, log, progress, accelerator, family, source, c, method, groups, dataset, examples,
-                run_dir, run_name, weight_dtype) -> RunResult:
+                class_files, run_dir, run_name, weight_dtype) -> RunResult:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from ..data import BucketBatchSampler, collate
+    from ..data import ImageCaptionDataset
+    from ..data.prior import class_examples
     from ..export.model_card import write_model_card
     from .sampling import sample, save_samples
 
@@ -151,8 +163,20 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
     device = accelerator.device
     trainable = method.trainable_modules(c)
     cache_latents, cache_text = decide_caching(recipe, dataset, method)
-    sampler = BucketBatchSampler(dataset.bucket_of_index, tr.batch_size, seed=tr.seed)
-    steps_per_epoch = max(1, math.ceil(len(sampler) / tr.gradient_accumulation_steps))
+
+    def encode(pixels):
+        return family.encode_images(c, pixels.to(device))
+
+    source_args = dict(batch_size=tr.batch_size, seed=tr.seed, encode=encode, cache_latents=cache_latents,
+                       dtype=weight_dtype, progress=progress)
+    instances = BatchSource(dataset, desc="caching latents", **source_args)
+    classes = None
+    if class_files:
+        class_set = ImageCaptionDataset(class_examples(class_files, recipe.prior_preservation.class_prompt),
+                                        recipe.data.model_copy(update={"repeats": 1, "caption_dropout": 0.0}),
+                                        seed=tr.seed + 1)
+        classes = BatchSource(class_set, desc="caching class latents", **source_args)
+    steps_per_epoch = max(1, math.ceil(len(instances) / tr.gradient_accumulation_steps))
     max_steps = tr.max_steps or tr.epochs * steps_per_epoch
     n_epochs = math.ceil(max_steps / steps_per_epoch)
 
@@ -164,18 +188,7 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
     c.denoiser = trainable[0]
     params = [p for g in groups for p in g["params"]]
 
-    latent_cache: dict[str, torch.Tensor] = {}
     text_cache: dict[str, dict[str, torch.Tensor]] = {}
-    n_examples = len(examples)
-    if cache_latents:
-        with torch.no_grad():
-            for i in tqdm(range(n_examples), desc="caching latents", disable=not progress):
-                item = dataset[i]
-                latent = family.encode_images(c, item["pixel_values"][None].to(device))[0]
-                if not torch.isfinite(latent).all():
-                    raise FinetuneError(f"the VAE produced NaN/inf latents for {item['key']}")
-                latent_cache[item["key"]] = latent.to(weight_dtype)
-
     truncated = family.count_truncated(c, [e.caption or "" for e in examples])
     if truncated:
         log(f"warning: {truncated} caption(s) are longer than the text encoder's token limit and will be cut")
@@ -191,17 +204,15 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
                 text_cache[cap] = {k: v[j] for k, v in enc.items()}
         return {k: torch.stack([text_cache[cap][k] for cap in captions]) for k in text_cache[captions[0]]}
 
-    def batches(epoch: int):
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        for indices in sampler:
-            if cache_latents:
-                keys = [examples[i % n_examples].key for i in indices]
-                yield {"latents": torch.stack([latent_cache[k] for k in keys]),
-                       "captions": [dataset.caption(i) for i in indices], "keys": keys}
-            else:
-                batch = collate([dataset[i] for i in indices])
-                yield {"pixel_values": batch["pixel_values"], "captions": batch["caption"], "keys": batch["key"]}
+    def batch_loss(source: BatchSource, batch: dict) -> torch.Tensor:
+        latents = source.latents(batch).to(device, weight_dtype)
+        cond = conditioning([method.prepare_caption(cap) for cap in batch["captions"]])
+        noisy, timesteps, target = family.sample_noisy(c, latents, tr.noise_offset)
+        with accelerator.autocast():
+            pred = family.predict(c, noisy, timesteps, cond)
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+        weights = family.loss_weights(c, timesteps, tr.min_snr_gamma)
+        return (loss * weights).mean() if weights is not None else loss.mean()
 
     def validate(step: int) -> list[Path]:
         v = recipe.validation
@@ -236,25 +247,19 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
     bar = tqdm(total=max_steps, desc="train", disable=not progress or not accelerator.is_main_process)
     for m in trainable:
         m.train()
-    losses, samples, step, window = [], [], 0, []
+    losses, samples, step, window, prior_window = [], [], 0, [], []
+    class_batches = classes.forever() if classes is not None else None
     start = last = time.perf_counter()
     images_seen = 0
     for epoch in range(n_epochs):
-        for batch in batches(epoch):
+        for batch in instances.epoch(epoch):
             with accelerator.accumulate(*trainable):
-                if "latents" in batch:
-                    latents = batch["latents"].to(device)
-                else:
-                    with torch.no_grad():
-                        latents = family.encode_images(c, batch["pixel_values"].to(device))
-                latents = latents.to(weight_dtype)
-                cond = conditioning([method.prepare_caption(cap) for cap in batch["captions"]])
-                noisy, timesteps, target = family.sample_noisy(c, latents, tr.noise_offset)
-                with accelerator.autocast():
-                    pred = family.predict(c, noisy, timesteps, cond)
-                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
-                weights = family.loss_weights(c, timesteps, tr.min_snr_gamma)
-                loss = (loss * weights).mean() if weights is not None else loss.mean()
+                loss = batch_loss(instances, batch)
+                if classes is not None:
+                    class_batch = next(class_batches)
+                    prior_loss = batch_loss(classes, class_batch)
+                    prior_window.append(prior_loss.detach().item())
+                    loss = loss + recipe.prior_preservation.prior_loss_weight * prior_loss
                 if not torch.isfinite(loss):
                     raise FinetuneError(f"loss became {loss.item()} at step {step + 1} on {', '.join(batch['keys'])}; "
                                         "lower training.learning_rate, or use bf16 instead of fp16")
@@ -279,9 +284,10 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             if step % tr.log_every_n_steps == 0 or step == max_steps:
                 now = time.perf_counter()
-                metrics.write(step=step, epoch=epoch, loss=step_loss, lr=lr,
+                extra = {"prior_loss": sum(prior_window) / len(prior_window)} if prior_window else {}
+                metrics.write(step=step, epoch=epoch, loss=step_loss, lr=lr, **extra,
                               images_per_second=images_seen / max(now - last, 1e-9), elapsed_s=round(now - start, 3))
-                last, images_seen = now, 0
+                last, images_seen, prior_window = now, 0, []
             v_every = recipe.validation.every_n_steps
             if v_every and step % v_every == 0 and step != max_steps:
                 samples += validate(step)

@@ -1,0 +1,112 @@
+"""Prior preservation: class images are generated once (never black) and really enter the loss."""
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from finetune.data.prior import class_image_files, ensure_class_images
+from finetune.recipe import validate
+from finetune.recipe.schema import PriorPreservationConfig
+from finetune.train import train
+
+from .helpers import draw_subject, make_image_folder, tiny_recipe
+
+
+def _pipe(model):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+
+
+def test_class_images_generated_once_and_reused(tiny_sd15, tmp_path):
+    cfg = PriorPreservationConfig(enabled=True, class_prompt="a photo of a ball", class_data_dir=str(tmp_path / "cls"),
+                                  num_class_images=5, sample_batch_size=2, num_inference_steps=2)
+    logs = []
+    files = ensure_class_images(_pipe(tiny_sd15), cfg, 64, logs.append, progress=False)
+    assert len(files) == 5 and all(Image.open(f).size == (64, 64) for f in files)
+    assert any("generating 5 class images" in line for line in logs)
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    again = ensure_class_images(_pipe(tiny_sd15), cfg, 64, logs.append, progress=False)
+    assert again == files and {f: f.stat().st_mtime_ns for f in again} == stamps
+    # Asking for more tops the folder up; the first five are kept as they are.
+    more = ensure_class_images(_pipe(tiny_sd15), cfg.model_copy(update={"num_class_images": 7}), 64, logs.append, False)
+    assert len(more) == 7 and set(files) < set(more)
+
+
+class _FilteredPipe:
+    """The real tiny pipeline behind a stand-in safety filter that blacks out some outputs,
+    the way StableDiffusionSafetyChecker replaces flagged images."""
+
+    def __init__(self, pipe, black_calls: set[int], every_image: bool = False):
+        self.pipe, self.black_calls, self.calls, self.every_image = pipe, black_calls, 0, every_image
+
+    def set_progress_bar_config(self, **kw):
+        self.pipe.set_progress_bar_config(**kw)
+
+    def __call__(self, *args, **kwargs):
+        out = self.pipe(*args, **kwargs)
+        if self.calls in self.black_calls:
+            for i in range(len(out.images) if self.every_image else 1):
+                out.images[i] = Image.new("RGB", out.images[i].size)
+        self.calls += 1
+        return out
+
+
+def test_black_class_images_are_regenerated_or_left_out(tiny_sd15, tmp_path):
+    cfg = PriorPreservationConfig(enabled=True, class_prompt="a ball", class_data_dir=str(tmp_path / "cls"),
+                                  num_class_images=2, sample_batch_size=2, num_inference_steps=2)
+    logs = []
+    # Call 0 (the batch) has a black first image; call 1 (its first retry) is black again; call 2 is fine.
+    files = ensure_class_images(_FilteredPipe(_pipe(tiny_sd15), {0, 1}), cfg, 64, logs.append, progress=False)
+    assert len(files) == 2
+    assert all(np.asarray(Image.open(f)).max() > 8 for f in files)
+    assert any("2 black class image(s) rejected" in line and "0 left out" in line for line in logs)
+    # Always black: left out and counted, never written.
+    cfg2 = cfg.model_copy(update={"class_data_dir": str(tmp_path / "cls2")})
+    files = ensure_class_images(_FilteredPipe(_pipe(tiny_sd15), set(range(100)), every_image=True), cfg2, 64,
+                                logs.append, False)
+    assert files == [] and class_image_files(tmp_path / "cls2") == []
+    assert "6 black class image(s) rejected and retried with other seeds; 2 left out" in logs[-1]
+
+
+def _class_folder(folder, seeds):
+    folder.mkdir(parents=True)
+    for i, seed in enumerate(seeds):
+        draw_subject(seed).save(folder / f"c{i}.png")
+    return folder
+
+
+def _run(tmp_path, model, name, class_dir, weight):
+    data = make_image_folder(tmp_path / "data", n=2, sizes=((64, 64),))
+    r = tiny_recipe(model, data, tmp_path / "out", training__max_steps=3)
+    r["output"]["run_name"] = name
+    r["prior_preservation"] = {"enabled": True, "class_prompt": "a photo of a ball", "class_data_dir": str(class_dir),
+                               "num_class_images": 2, "prior_loss_weight": weight}
+    result = train(validate(r, "test"), log=lambda *_: None, progress=False)
+    return load_file(result.run_dir / "pytorch_lora_weights.safetensors"), result
+
+
+def test_class_examples_enter_the_loss(tiny_sd15, tmp_path):
+    a = _class_folder(tmp_path / "class-a", [10, 11])
+    b = _class_folder(tmp_path / "class-b", [20, 21])
+    # Same seed, same instance images; only the class images differ.
+    wa, ra = _run(tmp_path, tiny_sd15, "a", a, 1.0)
+    wb, _ = _run(tmp_path, tiny_sd15, "b", b, 1.0)
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa), "class images had no effect on training"
+    # Control: with the prior weight at 0 the class images cannot matter.
+    za, _ = _run(tmp_path, tiny_sd15, "za", a, 0.0)
+    zb, _ = _run(tmp_path, tiny_sd15, "zb", b, 0.0)
+    assert all(torch.equal(za[k], zb[k]) for k in za)
+    import json
+    rows = [json.loads(x) for x in (ra.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("prior_loss" in r for r in rows)
+
+
+def test_prior_preservation_needs_a_class_prompt(tmp_path):
+    import pytest
+
+    from finetune.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"prior_preservation\.class_prompt: required"):
+        validate({"data": {"path": "x"}, "prior_preservation": {"enabled": True, "class_data_dir": "c"}}, "r.yaml")
