@@ -132,3 +132,15 @@ def test_bare_no_means_no_mixed_precision(tmp_path):
     assert recipe.training.mixed_precision == "no"
     recipe, _ = load_recipe(p, ["training.mixed_precision=no"])
     assert recipe.training.mixed_precision == "no"
+
+
+def test_child_changing_method_type_drops_the_parents_method_keys(tmp_path):
+    write(tmp_path, "base.yaml", {"data": {"path": "a"}, "method": {"type": "lora", "rank": 4}})
+    child = write(tmp_path, "child.yaml", {"extends": "base.yaml", "method": {"type": "dreambooth"}})
+    recipe, _ = load_recipe(child)
+    assert recipe.method.type == "dreambooth"
+    bad = write(tmp_path, "bad.yaml", {"extends": "base.yaml", "method": {"type": "dreambooth", "rank": 4}})
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(bad)
+    assert "method.rank: unknown key" in str(exc.value) and "train_text_encoder" in str(exc.value)
+    assert "init_lora_weights" not in str(exc.value)  # the keys listed are dreambooth's, not lora's

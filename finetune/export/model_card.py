@@ -7,7 +7,7 @@ from pathlib import Path
 from .. import __version__
 
 
-METHOD_NAMES = {"lora": "LoRA"}
+METHOD_NAMES = {"lora": "LoRA", "dreambooth": "DreamBooth (full fine-tune)", "textual_inversion": "textual-inversion"}
 
 
 def _trigger_words(recipe) -> list[str]:
@@ -17,7 +17,7 @@ def _trigger_words(recipe) -> list[str]:
     return words
 
 
-def write_model_card(run_dir: Path, recipe, family, source, run_name: str, files: list[Path],
+def write_model_card(run_dir: Path, recipe, family, method, source, run_name: str, files: list[Path],
                      samples: list[Path], losses: list[float]) -> Path:
     t, m, d = recipe.training, recipe.method, recipe.data
     method_name = METHOD_NAMES.get(m.type, m.type)
@@ -28,13 +28,12 @@ def write_model_card(run_dir: Path, recipe, family, source, run_name: str, files
     else:
         load = f"pipe = {cls}.from_pretrained({(source.location if source.kind == 'folder' else source.label)!r})"
     triggers = _trigger_words(recipe)
-    names = [f.name for f in files]
-    kohya = next((n for n in names if n != "pytorch_lora_weights.safetensors"), None)
+    kohya = next((f.name for f in files if "kohya" in method.describe_file(f)), None)
     lines = [
         "---",
         f"base_model: {source.label}",
         "library_name: diffusers",
-        "tags: [text-to-image, lora, finetune]",
+        f"tags: [text-to-image, {m.type}, finetune]",
         "---",
         "",
         f"# {run_name}",
@@ -49,17 +48,12 @@ def write_model_card(run_dir: Path, recipe, family, source, run_name: str, files
           if recipe.validation.prompts else []),
         "## Files",
         "",
-        *[f"- `{n}`" + (" — diffusers/peft format: `pipe.load_lora_weights(run_folder)`" if n.startswith("pytorch_lora") else
-                        " — kohya format for ComfyUI, AUTOMATIC1111 and Forge (copy into `models/loras`)")
-          for n in names],
+        *[f"- `{f.name}`" + (f" — {method.describe_file(f)}" if method.describe_file(f) else "") for f in files],
         "",
         "## Use it",
         "",
         "```python",
-        f"from diffusers import {cls}",
-        load,
-        f"pipe.load_lora_weights({str(run_dir)!r})",
-        f"image = pipe({(recipe.validation.prompts or triggers or ['a photo'])[0]!r}).images[0]",
+        *method.usage(cls, load, run_dir, files, (recipe.validation.prompts or triggers or ["a photo"])[0]),
         "```",
         "",
         *([f"In AUTOMATIC1111/Forge: add `<lora:{Path(kohya).stem}:1>` to the prompt."] if kohya else []),

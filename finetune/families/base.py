@@ -8,7 +8,8 @@ A family:
 - `predict(c, noisy, timesteps, cond)` -> model output; `loss_weights(c, timesteps, gamma)`;
 - LoRA defaults (`lora_targets`, `text_encoder_lora_targets`) and export naming
   (`kohya_text_encoder_prefixes`, `kohya_base_model_version`);
-- `pipeline_class` for sampling and for diffusers' LoRA loaders.
+- `pipeline_class` for sampling and for diffusers' LoRA loaders;
+- `save_single_file(c, path, dtype)`: a full model as one original-layout checkpoint.
 """
 
 from __future__ import annotations
@@ -111,3 +112,7 @@ class Family:
 
     def count_truncated(self, c: Components, captions: list[str]) -> int:
         return 0
+
+    def save_single_file(self, c: Components, path: Path, dtype: torch.dtype) -> Path:
+        """The whole model as one checkpoint in the original layout webui and ComfyUI load."""
+        raise NotImplementedError(f"single-file export is not available for the {self.name} family")

@@ -79,3 +79,8 @@ class SD1Family(Family):
         if not min_snr_gamma:
             return None
         return _ddpm.min_snr_weights(c.noise_scheduler, timesteps, min_snr_gamma)
+
+    def save_single_file(self, c: Components, path, dtype: torch.dtype):
+        from ..export.single_file import save_sd1_single_file
+
+        return save_sd1_single_file(path, c.denoiser, c.vae, c.text_encoders["text_encoder"], dtype=dtype)

@@ -6,7 +6,8 @@
 - `trains_text_encoder`: whether prompts must be encoded with gradients (no caching then);
 - `prepare_caption(caption)`: rewrite a training caption (e.g. expand a multi-vector token);
 - `after_step(c)`: called after every optimizer step (e.g. restore rows that must not change);
-- `save(c, folder, output, name)`: write the method's artifacts, returning the files written.
+- `save(c, folder, output, name)`: write the method's artifacts, returning the files written;
+- `describe_file(path)` and `usage(...)`: what the model card says about those files.
 """
 
 from __future__ import annotations
@@ -43,3 +44,10 @@ class Method:
 
     def save(self, c, folder: Path, output, name: str) -> list[Path]:
         raise NotImplementedError
+
+    def describe_file(self, path: Path) -> str:
+        return ""
+
+    def usage(self, pipeline_class: str, load_base: str, run_dir: Path, files: list[Path], prompt: str) -> list[str]:
+        """Python lines that load the result into diffusers and make one image."""
+        return [f"from diffusers import {pipeline_class}", load_base, f"image = pipe({prompt!r}).images[0]"]

@@ -102,3 +102,12 @@ class LoraMethod(Method):
             save_kohya_lora(path, state, meta, dtype)
             written.append(path)
         return written
+
+    def describe_file(self, path: Path) -> str:
+        if path.name == DIFFUSERS_WEIGHT_NAME:
+            return "diffusers/peft format: `pipe.load_lora_weights(run_folder)`"
+        return "kohya format for ComfyUI, AUTOMATIC1111 and Forge (copy into `models/loras`)"
+
+    def usage(self, pipeline_class, load_base, run_dir, files, prompt):
+        lines = super().usage(pipeline_class, load_base, run_dir, files, prompt)
+        return [*lines[:2], f"pipe.load_lora_weights({str(run_dir)!r})", *lines[2:]]

@@ -60,10 +60,12 @@ def _read_yaml(path: Path) -> dict:
 
 
 def deep_merge(base: dict, over: dict) -> dict:
-    """`over` wins; mappings merge key by key, anything else (lists included) is replaced."""
+    """`over` wins; mappings merge key by key, anything else (lists included) is replaced. A mapping
+    whose `type` changes (method: lora -> dreambooth) replaces the base's: other types' keys would
+    not be valid in it."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("type", out[k].get("type")) == out[k].get("type"):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
@@ -113,10 +115,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _valid_keys(model_cls, loc: tuple) -> list[str]:
+def _valid_keys(model_cls, loc: tuple, data: dict) -> list[str]:
     """The field names allowed at `loc` (for 'unknown key' messages)."""
     from pydantic import BaseModel
 
+    from ..methods import METHODS
+
+    if loc[:1] == ("method",) and len(loc) == 2:
+        kind = (data.get("method") or {}).get("type", "lora")
+        if kind in METHODS.names():
+            return sorted(METHODS.get(kind).Config.model_fields)
     cls = model_cls
     for part in loc[:-1]:
         field = getattr(cls, "model_fields", {}).get(part)
@@ -137,7 +145,7 @@ def _valid_keys(model_cls, loc: tuple) -> list[str]:
     return sorted(getattr(cls, "model_fields", {}))
 
 
-def format_errors(err: ValidationError, source: str) -> list[str]:
+def format_errors(err: ValidationError, source: str, data: dict) -> list[str]:
     from ..methods import METHODS
 
     tags = set(METHODS.names())
@@ -148,7 +156,7 @@ def format_errors(err: ValidationError, source: str) -> list[str]:
         path = ".".join(str(p) for p in loc) or "(top level)"
         kind = e["type"]
         if kind == "extra_forbidden":
-            valid = _valid_keys(Recipe, tuple(p for p in loc if not p.isdigit()))
+            valid = _valid_keys(Recipe, tuple(p for p in loc if not p.isdigit()), data)
             hint = f"; valid keys here: {', '.join(valid)}" if valid else ""
             msg = f"unknown key{hint}"
         elif kind in ("literal_error", "enum"):
@@ -175,7 +183,7 @@ def validate(data: dict, source: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(format_errors(err, source)) from None
+        raise RecipeError(format_errors(err, source, data)) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:

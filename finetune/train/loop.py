@@ -305,7 +305,7 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
     files = method.save(c, run_dir, recipe.output, run_name)
     final_samples = validate(step)
     samples += final_samples
-    card = write_model_card(run_dir, recipe, family, source, run_name, files, final_samples, losses)
+    card = write_model_card(run_dir, recipe, family, method, source, run_name, files, final_samples, losses)
     log(f"done: {step} steps, final loss {losses[-1]:.4f}; wrote {', '.join(str(f) for f in [*files, card])}")
     return RunResult(run_dir=run_dir, files=files, losses=losses, steps=step, samples=samples,
                      components=c, optimizer=optimizer)

@@ -1,0 +1,84 @@
+"""DreamBooth as a full fine-tune: the denoiser's weights (and optionally the text encoder's) train.
+
+The result is a whole model: a diffusers folder (`model/`) and one original-layout `.safetensors`
+checkpoint that AUTOMATIC1111, Forge and ComfyUI load as a checkpoint. Prior preservation is the
+recipe's `prior_preservation` section, shared with every method.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..config_base import Section
+from . import register_method
+from .base import Method
+from .lora import SAVE_DTYPES
+
+MODEL_DIR = "model"
+
+
+class DreamBoothConfig(Section):
+    type: Literal["dreambooth"] = "dreambooth"
+    train_text_encoder: bool = Field(False, description="Also fine-tune the text encoder (helps identity, costs memory).")
+    text_encoder_lr: float | None = Field(None, gt=0, description="Text-encoder learning rate; default = training.learning_rate.")
+    single_file: bool = Field(True, description="Also write one original-layout .safetensors checkpoint.")
+
+
+@register_method("dreambooth")
+class DreamBoothMethod(Method):
+    Config = DreamBoothConfig
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.cfg.train_text_encoder
+
+    def setup(self, c) -> list[dict]:
+        for module in c.frozen_modules():
+            module.requires_grad_(False)
+        c.denoiser.requires_grad_(True)
+        groups = [{"params": list(c.denoiser.parameters()), "lr": self.training.learning_rate}]
+        if self.cfg.train_text_encoder:
+            for te in c.text_encoders.values():
+                te.requires_grad_(True)
+                groups.append({"params": list(te.parameters()),
+                               "lr": self.cfg.text_encoder_lr or self.training.learning_rate})
+        return groups
+
+    def trainable_modules(self, c) -> list[torch.nn.Module]:
+        return [c.denoiser, *(c.text_encoders.values() if self.cfg.train_text_encoder else [])]
+
+    def save(self, c, folder: Path, output, name: str) -> list[Path]:
+        folder = Path(folder)
+        written = []
+        if "diffusers" in output.formats:
+            # The trained weights as they are (fp32 master weights); replaced whole, never half-written.
+            final = folder / MODEL_DIR
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=folder))
+            try:
+                c.pipeline.save_pretrained(tmp, safe_serialization=True)
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp.rename(final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            written.append(final)
+        if self.cfg.single_file:
+            written.append(self.family.save_single_file(c, folder / f"{name}.safetensors", SAVE_DTYPES[output.save_dtype]))
+        return written
+
+    def describe_file(self, path: Path) -> str:
+        if path.name == MODEL_DIR:
+            return "the fine-tuned model as a diffusers folder: `from_pretrained(run_folder + '/model')`"
+        return "single-file checkpoint for AUTOMATIC1111, Forge and ComfyUI (copy into `models/checkpoints`); " \
+               "diffusers reads it with `from_single_file`"
+
+    def usage(self, pipeline_class, load_base, run_dir, files, prompt):
+        return [f"from diffusers import {pipeline_class}",
+                f"pipe = {pipeline_class}.from_pretrained({str(Path(run_dir) / MODEL_DIR)!r})",
+                f"image = pipe({prompt!r}).images[0]"]
