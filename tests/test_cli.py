@@ -48,7 +48,7 @@ def test_validate_ok_and_bad(tmp_path):
 @pytest.fixture
 def user_recipe(tmp_path, tiny_sd15):
     """What a user writes: their PNG folder with .txt captions and a local diffusers model."""
-    photos = make_image_folder(tmp_path / "my photos", n=5)
+    make_image_folder(tmp_path / "my photos", n=5)
     recipe = tmp_path / "my-lora.yaml"
     recipe.write_text(yaml.safe_dump({
         "extends": "sd15-lora",

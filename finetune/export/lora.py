@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .files import atomic_save_safetensors
+
 KOHYA_NETWORK_MODULE = "networks.lora"
 UNET_PREFIX = "lora_unet"
 DEFAULT_TEXT_ENCODER_PREFIXES = {"text_encoder": "lora_te"}
@@ -288,27 +290,6 @@ def _tensor_data_sha256(state: Mapping[str, torch.Tensor]) -> str:
     return hashlib.sha256(blob[8 + n:]).hexdigest()
 
 
-def _atomic_save_safetensors(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> Path:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(dict(state), tmp, metadata=dict(metadata) if metadata else None)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 def save_kohya_lora(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
                     metadata: Mapping[str, Any] | None = None, dtype: torch.dtype | None = torch.float16,
                     add_hash: bool = True) -> Path:
@@ -322,7 +303,7 @@ def save_kohya_lora(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
     meta = {str(k): str(v) for k, v in (metadata or {}).items() if v is not None}
     if add_hash:
         meta["sshs_model_hash"] = _tensor_data_sha256(tensors)
-    return _atomic_save_safetensors(Path(path), tensors, meta)
+    return atomic_save_safetensors(Path(path), tensors, meta)
 
 
 def _adapter_metadata(config) -> dict | None:

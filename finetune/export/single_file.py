@@ -49,11 +49,12 @@ peft tuners and `modules_to_save` wrappers are refused: merge them with peft
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from .files import atomic_save_safetensors
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -379,33 +380,6 @@ def sd1_single_file_state_dict(unet, vae, text_encoder, *, text_encoder_format: 
 # writing
 
 
-def _atomic_save(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file(dict(tensors), str(tmp), metadata=dict(metadata))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def save_sd1_single_file(path: str | os.PathLike, unet, vae, text_encoder, dtype: torch.dtype | None = torch.float16,
                          metadata: Mapping[str, str] | None = None, *, text_encoder_format: str = "auto") -> Path:
     """Write the pipeline as one original-layout `.safetensors` checkpoint at `path`; return the path.
@@ -436,5 +410,5 @@ def save_sd1_single_file(path: str | os.PathLike, unet, vae, text_encoder, dtype
             value = value.clone()
         storages.add(value.untyped_storage().data_ptr())
         tensors[key] = value
-    _atomic_save(path, tensors, meta)
+    atomic_save_safetensors(path, tensors, meta)
     return path

@@ -2,7 +2,7 @@
 
 - `Config`: its recipe section (a `Section` with a `type` literal naming the method);
 - `setup(c)`: freeze what stays fixed, add adapters, return optimizer parameter groups;
-- `trainable_modules(c)`: the modules whose parameters train (for accelerate and checkpointing);
+- `trainable_modules(c)`: the modules that hold trained parameters (for accelerate and checkpointing);
 - `trains_text_encoder`: whether prompts must be encoded with gradients (no caching then);
 - `prepare_caption(caption)`: rewrite a training caption (e.g. expand a multi-vector token);
 - `after_step(c)`: called after every optimizer step (e.g. restore rows that must not change);
@@ -35,6 +35,9 @@ class Method:
 
     def trainable_modules(self, c) -> list[torch.nn.Module]:
         raise NotImplementedError
+
+    def trainable_parameter_count(self, groups: list[dict]) -> int:
+        return sum(p.numel() for g in groups for p in g["params"])
 
     def prepare_caption(self, caption: str) -> str:
         return caption

@@ -61,9 +61,11 @@ def resolve_family(model_cfg):
 
 def apply_memory_options(c, method, training) -> None:
     if training.gradient_checkpointing:
+        # The denoiser always: gradients flow through it even when only embeddings train.
         c.denoiser.enable_gradient_checkpointing()
-        for te in method.trainable_modules(c)[1:]:
-            if hasattr(te, "gradient_checkpointing_enable"):
+        trained = method.trainable_modules(c)
+        for te in c.text_encoders.values():
+            if any(te is m for m in trained) and hasattr(te, "gradient_checkpointing_enable"):
                 te.gradient_checkpointing_enable()
 
 
@@ -129,7 +131,7 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     if weight_dtype != torch.float32:
         cast_training_params(trainable, dtype=torch.float32)
     apply_memory_options(c, method, tr)
-    n_trainable = sum(p.numel() for g in groups for p in g["params"])
+    n_trainable = method.trainable_parameter_count(groups)
     log(f"method {recipe.method.type}: {n_trainable:,} trainable parameters")
     create_run_dir(run_dir, recipe)
     log(f"run folder: {run_dir}")
@@ -184,8 +186,10 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
     lr_scheduler = get_scheduler(tr.lr_scheduler, optimizer, num_warmup_steps=tr.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)
     prepared = accelerator.prepare(*trainable, optimizer, lr_scheduler)
+    wrapped = {id(m): w for m, w in zip(trainable, prepared[:-2])}
+    c.denoiser = wrapped.get(id(c.denoiser), c.denoiser)
+    c.text_encoders = {n: wrapped.get(id(te), te) for n, te in c.text_encoders.items()}
     trainable, optimizer, lr_scheduler = list(prepared[:-2]), prepared[-2], prepared[-1]
-    c.denoiser = trainable[0]
     params = [p for g in groups for p in g["params"]]
 
     text_cache: dict[str, dict[str, torch.Tensor]] = {}

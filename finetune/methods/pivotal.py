@@ -1,0 +1,81 @@
+"""Pivotal tuning: new token embeddings (textual inversion) and a LoRA trained together, the
+combination the strongest subject and brand results use. Optionally the embeddings freeze after
+N steps and the LoRA trains on alone, around the now fixed "pivot".
+
+Saved as both halves in every format: `learned_embeds.safetensors` + `pytorch_lora_weights.safetensors`
+for diffusers (`load_textual_inversion` then `load_lora_weights`), and `<run>-emb.safetensors` (a webui
+embedding) + `<run>.safetensors` (a kohya LoRA) for AUTOMATIC1111, Forge and ComfyUI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from . import register_method
+from .base import Method
+from .lora import LoraConfig, LoraMethod
+from .textual_inversion import DIFFUSERS_EMBEDS_NAME, TextualInversionConfig, TextualInversionMethod
+
+
+class PivotalConfig(LoraConfig, TextualInversionConfig):
+    type: Literal["pivotal"] = "pivotal"
+    freeze_embeddings_after: int | None = Field(
+        None, ge=1, description="Stop training the embeddings after this many steps; the LoRA goes on. "
+                                "Unset: both train to the end.")
+
+
+@register_method("pivotal")
+class PivotalMethod(Method):
+    Config = PivotalConfig
+
+    def __init__(self, cfg, family, training):
+        super().__init__(cfg, family, training)
+        self.lora = LoraMethod(cfg, family, training)
+        self.ti = TextualInversionMethod(cfg, family, training)
+        self.steps = 0
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return True
+
+    def setup(self, c) -> list[dict]:
+        lora_groups = self.lora.setup(c)
+        # Textual inversion freezes every module it finds, the LoRA weights included: re-open them.
+        ti_groups = self.ti.setup(c)
+        for group in lora_groups:
+            for p in group["params"]:
+                p.requires_grad_(True)
+        return lora_groups + ti_groups
+
+    def trainable_modules(self, c) -> list[torch.nn.Module]:
+        return [c.denoiser, *c.text_encoders.values()]
+
+    def trainable_parameter_count(self, groups: list[dict]) -> int:
+        n_lora = len(groups) - 1  # the embedding group is last
+        return self.lora.trainable_parameter_count(groups[:n_lora]) + self.ti.trainable_parameter_count(groups[n_lora:])
+
+    def prepare_caption(self, caption: str) -> str:
+        return self.ti.prepare_caption(caption)
+
+    def after_step(self, c) -> None:
+        self.ti.after_step(c)
+        self.steps += 1
+        if self.cfg.freeze_embeddings_after and self.steps == self.cfg.freeze_embeddings_after:
+            # With no gradient the optimizer skips the embedding from now on (AdamW skips grad=None).
+            c.text_encoders[self.ti.te_name].get_input_embeddings().weight.requires_grad_(False)
+
+    def save(self, c, folder: Path, output, name: str) -> list[Path]:
+        return self.lora.save(c, folder, output, name) + self.ti.save(c, folder, output, f"{name}-emb")
+
+    def describe_file(self, path: Path) -> str:
+        if path.name == DIFFUSERS_EMBEDS_NAME or path.stem.endswith("-emb"):
+            return self.ti.describe_file(path)
+        return self.lora.describe_file(path)
+
+    def usage(self, pipeline_class, load_base, run_dir, files, prompt):
+        lines = self.ti.usage(pipeline_class, load_base, run_dir, files, prompt)
+        return [*lines[:-1], f"pipe.load_lora_weights({str(run_dir)!r})", lines[-1]]

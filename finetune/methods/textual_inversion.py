@@ -1,0 +1,249 @@
+"""Textual inversion: learn the embedding of a new token (or of several, for a multi-vector token);
+every other weight of the model stays exactly as it was.
+
+Tokens: a placeholder `<my-cat>` with `num_vectors: 3` adds `<my-cat>`, `<my-cat>_1`, `<my-cat>_2`
+to the tokenizer, the naming diffusers' textual-inversion example and `load_textual_inversion` use;
+training captions say `<my-cat>` and are expanded to all three, as diffusers expands prompts.
+
+Only the new rows learn: a gradient hook zeroes the gradient of every other row of the token
+embedding (so clipping and optimizer state see only the new vectors), and `after_step` copies the
+original values back into every other row (AdamW's decoupled weight decay moves rows that have no
+gradient), so the rest of the text encoder is bit-identical after training.
+
+Files: `learned_embeds.safetensors` = {placeholder: [num_vectors, dim]} (what diffusers' example
+writes and `pipe.load_textual_inversion(folder)` reads), and `<name>.safetensors` =
+{"emb_params": [num_vectors, dim]} (the embedding file AUTOMATIC1111/Forge and kohya's scripts use;
+webui names the embedding after the file, diffusers needs `token=`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from ..config_base import Section
+from ..errors import FinetuneError
+from . import register_method
+from .base import Method
+from .lora import SAVE_DTYPES
+
+DIFFUSERS_EMBEDS_NAME = "learned_embeds.safetensors"
+WEBUI_KEY = "emb_params"
+
+
+class TextualInversionConfig(Section):
+    type: Literal["textual_inversion"] = Field(
+        "textual_inversion", description="Learn new token embeddings; the model itself does not change.")
+    placeholder_token: str = Field(
+        ..., description="The new word to learn, e.g. '<my-cat>': lowercase, no spaces, not already a token. "
+                         "Write it in captions and prompts.")
+    num_vectors: int = Field(
+        1, ge=1, le=75, description="Vectors behind the token: 1 for an object, 2-8 for hard subjects or styles. "
+                                    "Each one uses a place in the 75-token prompt.")
+    initializer_token: str = Field(
+        ..., description="A single-token word close to the concept (e.g. 'robot', 'cat', 'painting'); "
+                         "its embedding is where the new vectors start.")
+    caption: str | None = Field(
+        None, description="Train every image on this one caption (e.g. 'a photo of <my-cat>'), ignoring the "
+                          "image set's captions and caption dropout. Unset: the image set's captions, which "
+                          "must then contain placeholder_token.")
+    learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate of the new vectors; default training.learning_rate "
+                                "(5e-4 to 5e-3 is usual).")
+
+    @field_validator("placeholder_token")
+    @classmethod
+    def _placeholder(cls, v: str) -> str:
+        if not v or not v.strip():
+            raise ValueError("must not be empty (e.g. '<my-cat>')")
+        if any(ch.isspace() for ch in v):
+            raise ValueError(f"{v!r} contains a space; use one word such as '<my-cat>'")
+        if v != v.lower():
+            # CLIP's tokenizer lowercases prompts, so diffusers would not expand a multi-vector
+            # token written with capitals (it compares the lowercased text with the token).
+            raise ValueError(f"{v!r} has capital letters; the CLIP tokenizer lowercases prompts, use {v.lower()!r}")
+        return v
+
+    @field_validator("initializer_token")
+    @classmethod
+    def _initializer(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty; give a word close to the concept, e.g. 'cat'")
+        return v.strip()
+
+    @field_validator("caption")
+    @classmethod
+    def _caption_has_token(cls, v, info):
+        token = info.data.get("placeholder_token")
+        if v is not None and token and token.lower() not in v.lower():
+            raise ValueError(f"{v!r} does not contain the placeholder {token!r}; the new vectors learn only "
+                             f"from captions that use it")
+        return v
+
+
+@register_method("textual_inversion")
+class TextualInversionMethod(Method):
+    Config = TextualInversionConfig
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        # The prompts must be encoded with gradients flowing to the embedding: no text caching.
+        return True
+
+    @property
+    def tokens(self) -> list[str]:
+        """The tokens added to the tokenizer: `<t>`, `<t>_1`, ..., one per vector."""
+        t = self.cfg.placeholder_token
+        return [t] + [f"{t}_{i}" for i in range(1, self.cfg.num_vectors)]
+
+    # ------------------------------------------------------------------------------------------
+    # setup
+
+    def setup(self, c) -> list[dict]:
+        if len(c.text_encoders) != 1:
+            raise FinetuneError(f"method.type: textual_inversion supports models with one text encoder; "
+                                f"{self.family.name} has {len(c.text_encoders)}")
+        self.te_name = next(iter(c.text_encoders))
+        tokenizer, te = c.tokenizers[self.te_name], c.text_encoders[self.te_name]
+        init_id = self._initializer_id(tokenizer)
+        vocab = tokenizer.get_vocab()
+        taken = [t for t in self.tokens if t in vocab]
+        if taken:
+            raise FinetuneError(
+                f"method.placeholder_token: {taken[0]!r} is already a token of this model's tokenizer; choose a "
+                f"new word, e.g. '<{self.cfg.placeholder_token.strip('<>')}-ti>'")
+        added = tokenizer.add_tokens(self.tokens)
+        if added != len(self.tokens):  # cannot happen after the check above, unless the tokenizer refuses
+            raise FinetuneError(f"method.placeholder_token: the tokenizer added {added} of {len(self.tokens)} tokens")
+        self.token_ids = tokenizer.convert_tokens_to_ids(self.tokens)
+
+        for module in c.frozen_modules():
+            module.requires_grad_(False)
+        # Never shrink (some checkpoints pad the embedding past the tokenizer); the new rows are
+        # overwritten below, so skip transformers' mean/covariance initialisation of them.
+        rows = te.get_input_embeddings().weight.shape[0]
+        if max(self.token_ids) >= rows:
+            te.resize_token_embeddings(max(len(tokenizer), rows), mean_resizing=False)
+        weight = te.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[self.token_ids] = weight[init_id].clone()
+        weight.requires_grad_(True)
+
+        n_rows = weight.shape[0]
+        new = torch.zeros(n_rows, dtype=torch.bool)
+        new[self.token_ids] = True
+        self._keep_idx = torch.nonzero(~new).squeeze(1)
+        self._original = weight.detach()[self._keep_idx.to(weight.device)].clone()
+        self._new_idx = torch.tensor(self.token_ids)
+        weight.register_hook(self._only_new_rows)
+        te.get_input_embeddings().register_forward_hook(self._match_encoder_dtype)
+        self._te = te
+        lr = self.cfg.learning_rate or self.training.learning_rate
+        return [{"params": [weight], "lr": lr}]
+
+    def _initializer_id(self, tokenizer) -> int:
+        word = self.cfg.initializer_token
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            raise FinetuneError(
+                f"method.initializer_token: {word!r} is {len(ids)} tokens for this tokenizer ({' '.join(pieces)}); "
+                f"use a word that is a single token (a common short word close to the concept)")
+        return ids[0]
+
+    def _only_new_rows(self, grad: torch.Tensor) -> torch.Tensor:
+        # Words next to the placeholder ("a", "photo", the padding token) get gradients too; dropping
+        # them keeps gradient clipping and the optimizer's state about the new vectors alone.
+        idx = self._new_idx.to(grad.device)
+        out = torch.zeros_like(grad)
+        out[idx] = grad[idx]
+        return out
+
+    def _match_encoder_dtype(self, module, args, output):
+        # Under mixed precision the loop keeps trained weights in fp32 and the rest of the text
+        # encoder in fp16/bf16; hand the encoder embeddings in its own dtype (CPU layer_norm, for
+        # one, refuses fp32 input with bf16 weights). A no-op when everything is fp32.
+        dtype = next((p.dtype for p in self._te.parameters() if p is not module.weight), output.dtype)
+        return output if output.dtype == dtype else output.to(dtype)
+
+    def trainable_modules(self, c) -> list[torch.nn.Module]:
+        return [c.text_encoders[self.te_name]]
+
+    def trainable_parameter_count(self, groups: list[dict]) -> int:
+        # The whole embedding matrix is a parameter, but only the new rows learn.
+        return self.cfg.num_vectors * groups[0]["params"][0].shape[1]
+
+    # ------------------------------------------------------------------------------------------
+    # training hooks
+
+    def prepare_caption(self, caption: str) -> str:
+        if self.cfg.caption is not None:
+            caption = self.cfg.caption
+        elif not caption:
+            return caption  # caption dropout: an empty caption stays empty
+        token = self.cfg.placeholder_token
+        if token.lower() not in caption.lower():
+            raise FinetuneError(
+                f"method.placeholder_token: the training caption {caption!r} does not contain {token!r}, so the new "
+                f"vectors cannot learn from it; set method.caption (e.g. 'a photo of {token}'), or data.instance_prompt "
+                f"with data.caption_extension set to one your images do not have")
+        if len(self.tokens) == 1:
+            return caption
+        # `<t>` -> `<t> <t>_1 ...`, as diffusers' pipelines expand prompts; already expanded text is kept.
+        expanded = " ".join(self.tokens)
+        pattern = re.compile(f"{re.escape(expanded)}|{re.escape(token)}(?!_\\d)", re.IGNORECASE)
+        return pattern.sub(expanded, caption)
+
+    def after_step(self, c) -> None:
+        weight = c.text_encoders[self.te_name].get_input_embeddings().weight
+        if self._original.device != weight.device or self._original.dtype != weight.dtype:
+            self._original = self._original.to(weight.device, weight.dtype)
+        if self._keep_idx.device != weight.device:
+            self._keep_idx = self._keep_idx.to(weight.device)
+        with torch.no_grad():
+            weight.index_copy_(0, self._keep_idx, self._original)
+
+    # ------------------------------------------------------------------------------------------
+    # saving
+
+    def learned_vectors(self, c) -> torch.Tensor:
+        """The trained vectors, [num_vectors, dim], in float32 on the CPU."""
+        weight = c.text_encoders[self.te_name].get_input_embeddings().weight
+        return weight.detach()[self._new_idx.to(weight.device)].to("cpu", torch.float32).clone()
+
+    def save(self, c, folder: Path, output, name: str) -> list[Path]:
+        from ..export.files import atomic_save_safetensors
+
+        folder = Path(folder)
+        vectors = self.learned_vectors(c).to(SAVE_DTYPES[output.save_dtype]).contiguous()
+        meta = {"placeholder_token": self.cfg.placeholder_token, "num_vectors": str(self.cfg.num_vectors),
+                "initializer_token": self.cfg.initializer_token, "family": self.family.name}
+        written = []
+        if "diffusers" in output.formats:
+            path = folder / DIFFUSERS_EMBEDS_NAME
+            atomic_save_safetensors(path, {self.cfg.placeholder_token: vectors}, {"format": "pt", **meta})
+            written.append(path)
+        if "kohya" in output.formats:
+            path = folder / f"{name}.safetensors"
+            atomic_save_safetensors(path, {WEBUI_KEY: vectors.clone()}, {"format": "pt", "name": name, **meta})
+            written.append(path)
+        return written
+
+    def describe_file(self, path: Path) -> str:
+        if path.name == DIFFUSERS_EMBEDS_NAME:
+            return f"diffusers format: `pipe.load_textual_inversion(run_folder)`, then write `{self.cfg.placeholder_token}`"
+        return (f"embedding for AUTOMATIC1111, Forge and ComfyUI (copy into `embeddings/`; the prompt word is "
+                f"`{path.stem}`); diffusers: `load_textual_inversion(file, token=...)`")
+
+    def usage(self, pipeline_class, load_base, run_dir, files, prompt):
+        lines = super().usage(pipeline_class, load_base, run_dir, files, prompt)
+        if any(Path(f).name == DIFFUSERS_EMBEDS_NAME for f in files):
+            load = f"pipe.load_textual_inversion({str(run_dir)!r})"
+        else:
+            webui = next(Path(f) for f in files)
+            load = f"pipe.load_textual_inversion({str(webui)!r}, token={self.cfg.placeholder_token!r})"
+        return [*lines[:2], load, *lines[2:]]
