@@ -134,15 +134,45 @@ def generate(
     height: Optional[int] = typer.Option(None, "--height"),
     out: Path = typer.Option(Path("outputs/generated"), "--out", help="Folder for the images."),
     family: str = typer.Option("auto", "--family"),
+    hook: List[str] = typer.Option([], "--hook", help="Output hook as YAML, e.g. \"{type: prompt_filter, block: [gore]}\" "
+                                                       "(repeatable; replaces the defaults)."),
+    no_hooks: bool = typer.Option(False, "--no-hooks", help="Turn every output hook off (no provenance, no watermark)."),
 ):
-    """Generate images with a base model and optional LoRA adapters."""
+    """Generate images with a base model and optional LoRA adapters; every image passes the output hooks."""
     with _guard():
         from .generate import generate as run_generate
 
         paths = run_generate(prompts=prompt, base=base, loras=lora, n=n, seed=seed, steps=steps, guidance=guidance,
-                             negative=negative, width=width, height=height, out=out, family=family)
+                             negative=negative, width=width, height=height, out=out, family=family,
+                             hooks=_hook_options(hook, no_hooks), log=typer.echo)
         for p in paths:
             typer.echo(str(p))
+
+
+def _hook_options(specs: list[str], off: bool) -> list[dict] | None:
+    import yaml
+
+    from .hooks import validate_hook_configs
+
+    if off:
+        return []
+    if not specs:
+        return None
+    configs = []
+    for spec in specs:
+        try:
+            raw = yaml.safe_load(spec)
+        except yaml.YAMLError:
+            raw = None
+        if isinstance(raw, str):
+            raw = {"type": raw}
+        if not isinstance(raw, dict):
+            raise FinetuneError(f"--hook {spec!r}: expected a hook name or a mapping like \"{{type: provenance}}\"")
+        configs.append(raw)
+    try:
+        return validate_hook_configs(configs)
+    except ValueError as e:
+        raise FinetuneError(f"--hook {e}") from None
 
 
 @app.command("tiny-model")

@@ -49,15 +49,38 @@ def load_pipeline(base: str, family: str = "auto", loras: list[str] = ()):
     return pipe, fam
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def adapter_records(loras) -> list[dict]:
+    """{"path", "sha256", "weight"} for each adapter file (a run folder's LoRA files, each)."""
+    records = []
+    for spec in loras:
+        path, weight = _lora_spec(spec)
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        records += [{"path": str(f), "sha256": file_sha256(f), "weight": weight} for f in files]
+    return records
+
+
 def generate(prompts, base, loras=(), n=1, seed=0, steps=25, guidance=7.5, negative=None, width=None,
-             height=None, out=Path("outputs/generated"), family="auto") -> list[Path]:
-    from .train.sampling import sample, save_samples
+             height=None, out=Path("outputs/generated"), family="auto", hooks: list[dict] | None = None,
+             log=print) -> list[Path]:
+    from .hooks import Provenance, build_pipeline
+    from .train.sampling import emit_images
 
     for name, v in (("--width", width), ("--height", height)):
         if v is not None and v % 8:
             raise FinetuneError(f"{name}: {v} is not a multiple of 8")
+    output_hooks = build_pipeline(hooks, log)  # before the model loads: a bad hook fails fast
     pipe, _ = load_pipeline(base, family, loras)
     pipe.set_progress_bar_config(disable=True)
-    results = sample(pipe, list(prompts), seed=seed, n=n, steps=steps, guidance=guidance,
-                     negative_prompt=negative, width=width, height=height)
-    return save_samples(results, Path(out))
+    provenance = Provenance(prompt="", base_model=base, adapters=adapter_records(loras), kind="generate")
+    return emit_images(pipe, list(prompts), output_hooks, Path(out), seed=seed, n=n, steps=steps, guidance=guidance,
+                       negative_prompt=negative, width=width, height=height, provenance=provenance)

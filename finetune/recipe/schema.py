@@ -168,6 +168,19 @@ class OutputConfig(Section):
     formats: list[Literal["diffusers", "kohya"]] = Field(default_factory=lambda: ["diffusers", "kohya"])
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
     trigger_words: list[str] = Field(default_factory=list, description="Listed in the model card.")
+    hooks: list[dict] | None = Field(
+        None, description="Output hooks every emitted image passes through, in order, e.g. "
+                          "[{type: watermark}, {type: provenance}, {type: prompt_filter, block: [...]}]; "
+                          "unset: the defaults; [] turns them all off (logged).")
+
+    @field_validator("hooks")
+    @classmethod
+    def _known_hooks(cls, v):
+        if v is None:
+            return v
+        from ..hooks import validate_hook_configs
+
+        return validate_hook_configs(v)
 
     @field_validator("run_name")
     @classmethod

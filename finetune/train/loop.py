@@ -159,7 +159,10 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
     from ..data import ImageCaptionDataset
     from ..data.prior import class_examples
     from ..export.model_card import write_model_card
-    from .sampling import sample, save_samples
+    from ..hooks import Provenance, build_pipeline
+    from .sampling import emit_images
+
+    output_hooks = build_pipeline(recipe.output.hooks, log)
 
     tr = recipe.training
     device = accelerator.device
@@ -227,12 +230,16 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
         pipe = c.pipeline
         pipe.set_progress_bar_config(disable=True)
         res = recipe.data.resolution
-        results = sample(pipe, v.prompts, seed=v.seed, n=v.images_per_prompt, steps=v.num_inference_steps,
-                         guidance=v.guidance_scale, negative_prompt=v.negative_prompt,
-                         width=v.width or res, height=v.height or res, autocast=accelerator.autocast)
-        for m in trainable:
-            m.train()
-        return save_samples(results, run_dir / "samples" / f"step-{step:06d}")
+        try:
+            return emit_images(pipe, v.prompts, output_hooks, run_dir / "samples" / f"step-{step:06d}", seed=v.seed,
+                               n=v.images_per_prompt, steps=v.num_inference_steps, guidance=v.guidance_scale,
+                               negative_prompt=v.negative_prompt, width=v.width or res, height=v.height or res,
+                               autocast=accelerator.autocast,
+                               provenance=Provenance(prompt="", base_model=source.label, run=run_name,
+                                                     kind=f"validation step {step}"))
+        finally:
+            for m in trainable:
+                m.train()
 
     def save_checkpoint(step: int) -> None:
         # Written whole into a temporary folder, then renamed: a crash never leaves half a checkpoint.

@@ -1,11 +1,16 @@
-"""Sample images with the model being trained (validation) or a loaded one (generate)."""
+"""Sample images with the model being trained (validation) or a loaded one (generate), and pass
+every one of them through the output hooks before anything is written."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from ..hooks.base import OutputImage, Provenance
+from ..hooks.pipeline import OutputPipeline, write_outputs
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -13,28 +18,34 @@ def slug(text: str, n: int = 40) -> str:
 
 
 @torch.no_grad()
-def sample(pipe, prompts: list[str], *, seed: int, n: int = 1, steps: int = 25, guidance: float = 7.5,
-           negative_prompt: str | None = None, width: int | None = None, height: int | None = None,
-           autocast=None):
-    """[(prompt, index, PIL image)] for every prompt, n images each, reproducible from `seed`."""
+def emit_images(pipe, prompts: list[str], hooks: OutputPipeline, folder: Path, *, seed: int, n: int = 1,
+                steps: int = 25, guidance: float = 7.5, negative_prompt: str | None = None,
+                width: int | None = None, height: int | None = None, autocast=None,
+                provenance: Provenance | None = None) -> list[Path]:
+    """Generate n images per prompt and write those the hooks let through.
+
+    Image k (counting prompt by prompt) uses seed `seed + k` on its own generator, so any single
+    image is reproduced by asking for it alone with that seed; its provenance says so.
+    """
     device = pipe.unet.device if hasattr(pipe, "unet") else pipe.device
-    results = []
-    for p_i, prompt in enumerate(prompts):
-        generator = torch.Generator(device="cpu").manual_seed(seed + p_i)
+    base = provenance or Provenance(prompt="")
+    out, refused, k = [], [], 0
+    for prompt in prompts:
+        seeds = list(range(seed + k, seed + k + n))
+        names = [folder / f"{k + i:02d}-{slug(prompt)}-{i}.png" for i in range(n)]
+        k += n
+        provs = [replace(base, prompt=prompt, negative_prompt=negative_prompt, seed=s, steps=steps, guidance=guidance,
+                         width=width, height=height) for s in seeds]
+        refusals = hooks.check_prompt(provs[0])
+        if refusals:
+            refused += [(name, prov, refusals) for name, prov in zip(names, provs)]
+            continue
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         ctx = autocast() if autocast else torch.autocast(device.type, enabled=False)
         with ctx:
-            images = pipe(prompt, negative_prompt=negative_prompt, num_images_per_prompt=n,
-                          num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                          width=width, height=height).images
-        results += [(prompt, i, img) for i, img in enumerate(images)]
-    return results
-
-
-def save_samples(results, folder: Path) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k, (prompt, i, image) in enumerate(results):
-        path = folder / f"{k:02d}-{slug(prompt)}-{i}.png"
-        image.save(path)
-        paths.append(path)
-    return paths
+            images = pipe(prompt, negative_prompt=negative_prompt, num_images_per_prompt=n, num_inference_steps=steps,
+                          guidance_scale=guidance, generator=generators, width=width, height=height).images
+        for name, prov, image in zip(names, provs, images):
+            prov = replace(prov, width=image.width, height=image.height)
+            out.append((name, hooks.process(OutputImage(image=image, provenance=prov))))
+    return write_outputs(out, folder, refused)
