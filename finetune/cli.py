@@ -122,7 +122,10 @@ def recipes(name: Optional[str] = typer.Argument(None, help="Show this recipe's 
 
 @app.command()
 def generate(
-    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt (repeatable)."),
+    prompt: List[str] = typer.Option([], "--prompt", "-p", help="Prompt (repeatable)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file: .txt (a prompt a line), or .csv/.jsonl "
+                                                                  "with prompt and optional negative_prompt, seed, width, height, n."),
+    make_grid: bool = typer.Option(False, "--grid", help="Also write grid.png of all images."),
     base: str = typer.Option(..., "--base", help="Base model: hub id, diffusers folder, .safetensors or builtin:tiny-sd15."),
     lora: List[str] = typer.Option([], "--lora", help="LoRA file or run folder (repeatable); FILE:WEIGHT sets its weight."),
     n: int = typer.Option(1, "--n", min=1, help="Images per prompt."),
@@ -144,7 +147,8 @@ def generate(
 
         paths = run_generate(prompts=prompt, base=base, loras=lora, n=n, seed=seed, steps=steps, guidance=guidance,
                              negative=negative, width=width, height=height, out=out, family=family,
-                             hooks=_hook_options(hook, no_hooks), log=typer.echo)
+                             hooks=_hook_options(hook, no_hooks), log=typer.echo, prompt_file=prompts,
+                             make_grid=make_grid)
         for p in paths:
             typer.echo(str(p))
 

@@ -71,16 +71,39 @@ def adapter_records(loras) -> list[dict]:
 
 def generate(prompts, base, loras=(), n=1, seed=0, steps=25, guidance=7.5, negative=None, width=None,
              height=None, out=Path("outputs/generated"), family="auto", hooks: list[dict] | None = None,
-             log=print) -> list[Path]:
-    from .hooks import Provenance, build_pipeline
-    from .train.sampling import emit_images
+             log=print, prompt_file=None, make_grid: bool = False) -> list[Path]:
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from .hooks import OutputImage, Provenance, build_pipeline
+    from .hooks.pipeline import write_outputs
+    from .prompts import PromptRow, read_prompt_file
+    from .train.sampling import emit_images, grid
 
     for name, v in (("--width", width), ("--height", height)):
         if v is not None and v % 8:
             raise FinetuneError(f"{name}: {v} is not a multiple of 8")
+    rows = [PromptRow(p) for p in prompts] + (read_prompt_file(prompt_file) if prompt_file else [])
+    if not rows:
+        raise FinetuneError("give at least one --prompt or a --prompts file")
     output_hooks = build_pipeline(hooks, log)  # before the model loads: a bad hook fails fast
     pipe, _ = load_pipeline(base, family, loras)
     pipe.set_progress_bar_config(disable=True)
     provenance = Provenance(prompt="", base_model=base, adapters=adapter_records(loras), kind="generate")
-    return emit_images(pipe, list(prompts), output_hooks, Path(out), seed=seed, n=n, steps=steps, guidance=guidance,
-                       negative_prompt=negative, width=width, height=height, provenance=provenance)
+    out = Path(out)
+    written, k = [], 0
+    for row in rows:
+        count = row.n or n
+        written += emit_images(pipe, [row.prompt], output_hooks, out, seed=seed + k if row.seed is None else row.seed,
+                               n=count, steps=steps, guidance=guidance, negative_prompt=row.negative_prompt or negative,
+                               width=row.width or width, height=row.height or height, provenance=provenance,
+                               first_index=k)
+        k += count
+    if make_grid and written:
+        # The grid is an image we emit too: it goes through the same hooks.
+        sheet = grid([Image.open(p) for p in written])
+        item = output_hooks.process(OutputImage(sheet, replace(provenance, prompt=f"grid of {len(written)} images",
+                                                               kind="grid", width=sheet.width, height=sheet.height)))
+        written += write_outputs([(out / "grid.png", item)], out)
+    return written

@@ -142,3 +142,27 @@ def test_validation_samples_pass_through_recipe_hooks(tiny_sd15, tmp_path):
     (path,) = folder.glob("*.png")
     assert "validation step 1" in Image.open(path).text["finetune"]
     assert [row["status"] for row in manifest(folder)] == ["written", "blocked"]
+
+
+def test_prompt_file_rows_adapters_with_weights_and_grid(tiny_sd15, lora_run, tmp_path):
+    pf = tmp_path / "prompts.jsonl"
+    pf.write_text('{"prompt": "a cat", "seed": 5, "width": 64, "height": 64}\n'
+                  '{"prompt": "a dog", "n": 2, "negative_prompt": "blurry"}\n')
+    txt = tmp_path / "more.txt"
+    txt.write_text("# comment\na house\n")
+    r = gen(tiny_sd15, tmp_path / "g", "--prompts", pf, "--lora", f"{lora_run.run_dir / 'run.safetensors'}:0.7",
+            "--grid", prompts=())
+    assert r.exit_code == 0, r.output
+    rows = manifest(tmp_path / "g")
+    assert [row["prompt"] for row in rows] == ["a cat", "a dog", "a dog", "grid of 3 images"]
+    assert rows[0]["seed"] == 5 and rows[1]["seed"] == 1 and rows[2]["seed"] == 2
+    files = sorted(p.name for p in (tmp_path / "g").glob("*.png"))
+    assert len(files) == 4 and "grid.png" in files
+    assert Image.open(tmp_path / "g" / "grid.png").size == (128, 128)
+    assert "parameters" in Image.open(tmp_path / "g" / "grid.png").text  # the grid went through the hooks
+    r = gen(tiny_sd15, tmp_path / "t", "--prompts", txt, prompts=())
+    assert r.exit_code == 0 and manifest(tmp_path / "t")[0]["prompt"] == "a house"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,size\na cat,64\n")
+    r = gen(tiny_sd15, tmp_path / "b", "--prompts", bad, prompts=())
+    assert r.exit_code == 1 and "unknown column(s) size" in r.output
