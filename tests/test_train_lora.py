@@ -201,3 +201,10 @@ def test_bf16_mixed_precision_on_cpu(tiny_sd15, tmp_path):
     assert lora and all(p.dtype == torch.float32 for p in lora)
     assert all(p.dtype == torch.bfloat16 for p in base)
     assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_keep_last_checkpoints(tiny_sd15, tmp_path):
+    result = run(tmp_path, tiny_sd15, training__max_steps=7, output__save_every_n_steps=2, output__keep_last_checkpoints=2)
+    kept = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
+    assert kept == ["step-000004", "step-000006"]
+    assert all((result.run_dir / "checkpoints" / k / "pytorch_lora_weights.safetensors").is_file() for k in kept)

@@ -165,6 +165,8 @@ class OutputConfig(Section):
     run_name: str | None = Field(None, description="Folder name under output.dir; default: recipe name + time.")
     dir: str = "outputs"
     save_every_n_steps: int | None = Field(None, ge=1)
+    keep_last_checkpoints: int | None = Field(
+        None, ge=1, description="Keep only the newest N checkpoints; older ones are deleted after a new one is complete.")
     formats: list[Literal["diffusers", "kohya"]] = Field(default_factory=lambda: ["diffusers", "kohya"])
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
     trigger_words: list[str] = Field(default_factory=list, description="Listed in the model card.")

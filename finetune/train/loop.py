@@ -251,6 +251,12 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
             tmp.rename(final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        keep = recipe.output.keep_last_checkpoints
+        if keep:
+            # Only now that the new one is complete do older ones go.
+            done = sorted(p for p in final.parent.glob("step-*") if p.is_dir())
+            for old in done[:-keep]:
+                shutil.rmtree(old)
 
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     log(f"training {max_steps} steps ({n_epochs} epochs of {steps_per_epoch}), batch {tr.batch_size} "
