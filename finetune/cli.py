@@ -179,6 +179,28 @@ def _hook_options(specs: list[str], off: bool) -> list[dict] | None:
         raise FinetuneError(f"--hook {e}") from None
 
 
+watermark_app = typer.Typer(help="Find finetune's invisible watermark in images.", no_args_is_help=True)
+app.add_typer(watermark_app, name="watermark")
+
+
+@watermark_app.command("detect")
+def watermark_detect(
+    images: List[Path] = typer.Argument(..., help="Image files to check."),
+    outputs: Path = typer.Option(Path("outputs"), "--outputs", help="Run folders to match payloads against."),
+):
+    """Report each image's watermark payload, bits matched, verdict, and the run/adapter it matches."""
+    with _guard():
+        from .hooks.watermark import detect_report
+
+        missing = [str(p) for p in images if not p.is_file()]
+        if missing:
+            raise FinetuneError(f"no such file: {', '.join(missing)}")
+        lines, code = detect_report(list(images), outputs)
+        for line in lines:
+            typer.echo(line)
+    raise typer.Exit(code)  # outside the guard: an exit code is not an error
+
+
 @app.command("tiny-model")
 def tiny_model(folder: Path = typer.Argument(..., help="Where to write the tiny SD1.5 diffusers folder.")):
     """Build the tiny, shape-faithful SD1.5 used by the tests and the quickstart."""

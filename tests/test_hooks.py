@@ -166,3 +166,17 @@ def test_prompt_file_rows_adapters_with_weights_and_grid(tiny_sd15, lora_run, tm
     bad.write_text("prompt,size\na cat,64\n")
     r = gen(tiny_sd15, tmp_path / "b", "--prompts", bad, prompts=())
     assert r.exit_code == 1 and "unknown column(s) size" in r.output
+
+
+def test_watermark_detect_command(tiny_sd15, lora_run, tmp_path):
+    r = gen(tiny_sd15, tmp_path / "g", "--lora", lora_run.run_dir, "--hook", "watermark", "--hook", "provenance",
+            "--width", "256", "--height", "256")
+    assert r.exit_code == 0, r.output
+    (made,) = (tmp_path / "g").glob("*.png")
+    other = tmp_path / "other.png"
+    Image.new("RGB", (256, 256), (90, 120, 200)).save(other)
+    outputs = lora_run.run_dir.parent
+    r = runner.invoke(app, ["watermark", "detect", str(made), "--outputs", str(outputs)])
+    assert r.exit_code == 0 and ": found" in r.output and f"run {lora_run.run_dir.name}" in r.output
+    r = runner.invoke(app, ["watermark", "detect", str(made), str(other), "--outputs", str(outputs)])
+    assert r.exit_code == 1 and f"{other}: not found" in r.output and "error" not in r.output

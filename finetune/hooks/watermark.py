@@ -1,0 +1,515 @@
+"""An invisible watermark that says what made an image, and a detector that reads it back.
+
+Built on invisible-watermark (`imwatermark`): its per-block embedding rule (`EmbedDwtDctSvd` /
+`EmbedMaxDct`.encode_frame: quantisation of one coefficient per 4x4 block of the Haar DWT's
+low band, each payload bit repeated over every L-th block) on the image's luma. We do the colour
+and wavelet transforms around it ourselves because the library's `encode()` (0.2.0) swaps the
+horizontal and vertical detail bands on the way back (`idwt2((ca, (v, h, d)))`), which costs
+10-20 dB of PSNR on its own (24.8 dB on a noise-like SD output, measured), and wraps values when
+it is given uint8 pixels. Decoding applies the library's per-block rule, vectorised (a test
+checks it against `decode_frame` vote for vote).
+
+The payload (64 bits by default) identifies what made the image, deterministically, so a
+detected payload can be matched to a run folder later:
+
+    [source: sha256(adapter file sha256s | run name | base name)][base model tag][check bits]
+     payload_bits-32 bits                                          12 bits        20 bits
+
+The check bits are a hash of the rest: an image the toolkit did not make passes them by chance
+with probability 2^-20 per decoding attempt. The detector also accepts a payload that is within
+a few bits of a known one (from run folders and manifests under `outputs/`).
+
+Limits (measured by benchmarks/watermark_robustness.py; see benchmarks/results/): survives
+lossless saving, JPEG and resizing (the detector tries common generation sizes); does not survive
+cropping, brightness/contrast changes, rotation, or anyone who wants it gone. It is a label for
+honest pipelines, not proof against a motivated adversary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import Field
+
+from . import register_hook
+from .base import Hook, HookConfig, OutputImage, Provenance, Verdict
+
+METHODS = ("dwtDctSvd", "dwtDct")
+DEFAULT_METHOD = "dwtDctSvd"
+DEFAULT_STRENGTH = 30
+DEFAULT_BITS = 64
+BASE_BITS = 12
+CHECK_BITS = 20
+MIN_AREA = 256 * 256  # the library's minimum (encode/decode refuse smaller images)
+BLOCK = 4
+DOMAIN = b"finetune-watermark-v1\0"
+# Hamming distance within which a decoded payload still matches a known one (64 bits: a random
+# payload comes this close to a given known one with probability ~3e-10).
+KNOWN_TOLERANCE = 8
+# Sizes the detector also tries when the image's own size does not read: the sizes images are
+# usually generated at (SD1.x/2.x, SDXL buckets), and these longer sides with the image's aspect;
+# only those of the image's aspect (within 2%) and within SEARCH_RATIO of its size.
+STANDARD_SIZES = ((512, 512), (512, 768), (768, 512), (768, 768), (1024, 1024), (1152, 896), (896, 1152),
+                  (1216, 832), (832, 1216), (1344, 768), (768, 1344), (1536, 640), (640, 1536))
+SEARCH_SIDES = (256, 512, 768, 1024, 1536, 2048)
+SEARCH_RATIO = 2.5
+
+
+# --- payload --------------------------------------------------------------------------------
+
+def base_name(base: str | None) -> str:
+    """The base model's name as it survives different spellings: `builtin:tiny-sd15`,
+    `/models/tiny-sd15/` and `org/tiny-sd15` all give `tiny-sd15`."""
+    if not base:
+        return ""
+    name = str(base).strip().replace("\\", "/").rstrip("/")
+    if name.startswith("builtin:"):
+        name = name[len("builtin:"):]
+    return name.rsplit("/", 1)[-1]
+
+
+def source_key(adapters=(), run: str | None = None, base_model: str | None = None) -> str:
+    """What the payload's source field hashes: the adapter files (by content) if any, else the run
+    (validation samples while training), else the base model alone."""
+    hashes = sorted(a["sha256"] for a in adapters if a.get("sha256"))
+    if hashes:
+        return "adapters:" + ",".join(hashes)
+    if run:
+        return "run:" + run
+    return "base:" + base_name(base_model)
+
+
+def _hash_bits(data: bytes, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(hashlib.sha256(data).digest(), dtype=np.uint8))[:n]
+
+
+def check_bits(id_bits: np.ndarray) -> np.ndarray:
+    return _hash_bits(DOMAIN + bytes(np.asarray(id_bits, dtype=np.uint8)), CHECK_BITS)
+
+
+def make_payload(source: str, base_model: str | None, n_bits: int = DEFAULT_BITS) -> np.ndarray:
+    src = _hash_bits(b"source:" + source.encode(), n_bits - BASE_BITS - CHECK_BITS)
+    tag = _hash_bits(b"base:" + base_name(base_model).encode(), BASE_BITS)
+    ident = np.concatenate([src, tag])
+    return np.concatenate([ident, check_bits(ident)]).astype(np.uint8)
+
+
+def payload_for(prov: Provenance, n_bits: int = DEFAULT_BITS) -> np.ndarray:
+    return make_payload(source_key(prov.adapters, prov.run, prov.base_model), prov.base_model, n_bits)
+
+
+def bits_to_hex(bits) -> str:
+    return np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes().hex()
+
+
+def hex_to_bits(text: str) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))
+
+
+def check_ok(bits: np.ndarray) -> int:
+    """How many of the check bits agree with the rest of the payload."""
+    bits = np.asarray(bits, dtype=np.uint8)
+    return int((check_bits(bits[:-CHECK_BITS]) == bits[-CHECK_BITS:]).sum())
+
+
+# --- embedding and decoding -------------------------------------------------------------------
+
+def _core(method: str):
+    from imwatermark.dwtDctSvd import EmbedDwtDctSvd
+    from imwatermark.maxDct import EmbedMaxDct
+
+    return {"dwtDctSvd": EmbedDwtDctSvd, "dwtDct": EmbedMaxDct}[method]
+
+
+def _rgb(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.float64)
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    return rgb @ np.array([0.299, 0.587, 0.114])
+
+
+def embed_bits(image: Image.Image, bits, method: str = DEFAULT_METHOD, strength: float = DEFAULT_STRENGTH) -> Image.Image:
+    """`image` with `bits` embedded in its luma (same size and mode; alpha kept)."""
+    import pywt
+
+    if image.width * image.height < MIN_AREA:
+        raise ValueError(f"{image.width}x{image.height} is below the watermark's minimum area ({MIN_AREA} pixels)")
+    bits = [int(b) for b in bits]
+    rgb = _rgb(image)
+    y = _luma(rgb)
+    r4, c4 = y.shape[0] // 4 * 4, y.shape[1] // 4 * 4
+    ca, (h, v, d) = pywt.dwt2(y[:r4, :c4], "haar")
+    _core(method)(bits, wmLen=len(bits), block=BLOCK).encode_frame(ca, strength)
+    delta = np.zeros_like(y)
+    delta[:r4, :c4] = pywt.idwt2((ca, (h, v, d)), "haar") - y[:r4, :c4]
+    # Adding the same amount to R, G and B changes luma by that amount and leaves chroma alone.
+    out = Image.fromarray(np.clip(np.round(rgb + delta[..., None]), 0, 255).astype(np.uint8), "RGB")
+    return _restore_mode(out, image)
+
+
+def _restore_mode(out: Image.Image, like: Image.Image) -> Image.Image:
+    if like.mode == "RGBA":
+        out.putalpha(like.getchannel("A"))
+    elif like.mode == "L":
+        out = out.convert("L")
+    return out
+
+
+def _blocks(frame: np.ndarray) -> np.ndarray:
+    """The frame's 4x4 blocks in the library's order (row by row), shape (n, 4, 4)."""
+    nr, nc = frame.shape[0] // BLOCK, frame.shape[1] // BLOCK
+    return frame[:nr * BLOCK, :nc * BLOCK].reshape(nr, BLOCK, nc, BLOCK).transpose(0, 2, 1, 3).reshape(-1, BLOCK, BLOCK)
+
+
+def block_votes(frame: np.ndarray, method: str, strength: float) -> np.ndarray:
+    """Each block's bit, by the library's rule (`infer_dct_svd` / `infer_dct_matrix`), vectorised.
+    dwtDctSvd: the largest singular value of the block's DCT, which is the block's own (the DCT is
+    orthonormal); dwtDct (0.2.0): the largest-magnitude non-DC coefficient of the block itself."""
+    b = _blocks(frame)
+    if method == "dwtDctSvd":
+        val = np.linalg.svd(b, compute_uv=False)[:, 0]
+    else:
+        flat = b.reshape(len(b), -1)
+        pos = np.argmax(np.abs(flat[:, 1:]), axis=1) + 1
+        val = np.abs(flat[np.arange(len(flat)), pos])
+    return (val % strength > 0.5 * strength).astype(np.float64)
+
+
+def decode_scores(image: Image.Image, n_bits: int = DEFAULT_BITS, method: str = DEFAULT_METHOD,
+                  strength: float = DEFAULT_STRENGTH) -> np.ndarray:
+    """Per payload bit, the fraction of its blocks voting 1 (a bit reads as 1 above 0.5)."""
+    import pywt
+
+    y = _luma(_rgb(image))
+    r4, c4 = y.shape[0] // 4 * 4, y.shape[1] // 4 * 4
+    ca, _ = pywt.dwt2(y[:r4, :c4], "haar")
+    votes = block_votes(ca, method, strength)
+    if len(votes) < n_bits:
+        return np.full(n_bits, 0.5)
+    idx = np.arange(len(votes)) % n_bits
+    return np.bincount(idx, weights=votes, minlength=n_bits) / np.bincount(idx, minlength=n_bits)
+
+
+def decode_bits(image: Image.Image, n_bits: int = DEFAULT_BITS, method: str = DEFAULT_METHOD,
+                strength: float = DEFAULT_STRENGTH) -> np.ndarray:
+    # The library's threshold: mean * 255 > 127.
+    return (decode_scores(image, n_bits, method, strength) * 255 > 127).astype(np.uint8)
+
+
+def upscale_factor(width: int, height: int) -> int:
+    """The integer factor that brings a small image to the minimum area (1 if it is already there)."""
+    if width * height >= MIN_AREA:
+        return 1
+    return math.ceil(math.sqrt(MIN_AREA / (width * height)))
+
+
+def embed_small(image: Image.Image, bits, method: str, strength: float) -> tuple[Image.Image, int]:
+    """Embed into an image below the minimum size: upscale by an integer factor, embed there, and
+    add the watermark's change (downscaled) to the original pixels, so the image itself is not
+    resampled. The detector upscales by the same factor, which it derives from the size."""
+    f = upscale_factor(image.width, image.height)
+    big = image.convert("RGB").resize((image.width * f, image.height * f), Image.BICUBIC)
+    marked = embed_bits(big, bits, method, strength)
+    delta = np.asarray(marked, dtype=np.float64) - np.asarray(big, dtype=np.float64)
+    small = np.stack([np.asarray(Image.fromarray(delta[..., c].astype(np.float32), "F").resize(image.size, Image.BOX))
+                      for c in range(3)], axis=-1)
+    out = np.clip(np.round(_rgb(image) + small), 0, 255).astype(np.uint8)
+    return _restore_mode(Image.fromarray(out, "RGB"), image), f
+
+
+# --- the hook ---------------------------------------------------------------------------------
+
+class WatermarkConfig(HookConfig):
+    type: Literal["watermark"] = "watermark"
+    method: Literal["dwtDctSvd", "dwtDct"] = Field(
+        DEFAULT_METHOD, description="invisible-watermark's embedding rule. dwtDctSvd survives JPEG much better "
+                                    "(benchmarks/results/watermark_robustness.md); dwtDct is what diffusers' SDXL uses.")
+    strength: int = Field(DEFAULT_STRENGTH, ge=4, le=96, description=(
+        "Quantisation step: higher survives JPEG better and is more visible (30: ~45 dB PSNR; 20: ~48 dB). "
+        "The detector must be told a non-default value (it reads the recipes and manifests under outputs/)."))
+    payload_bits: int = Field(DEFAULT_BITS, ge=48, le=128, multiple_of=8, description=(
+        f"Bits embedded: the source hash, a {BASE_BITS}-bit base-model tag and {CHECK_BITS} check bits. "
+        "Fewer bits: more repetitions of each, a little more robust; a shorter source hash."))
+    min_size_action: Literal["upscale", "reject", "skip_with_verdict"] = Field("upscale", description=(
+        "Images below 256x256 pixels of area (the method's minimum): embed on an upscaled copy and add the "
+        "change back at the original size (kept only if it verifies); reject the image; or write it unmarked "
+        "with a verdict that says so."))
+    on_failure: Literal["keep_unmarked", "reject"] = Field("keep_unmarked", description=(
+        "When the mark does not read back right after embedding (flat or saturated images; a small image "
+        "whose upscaled mark did not survive): write the image unmarked with a verdict saying so, or reject it."))
+
+
+@register_hook("watermark")
+class WatermarkHook(Hook):
+    """Embeds a payload naming the adapters (by file hash), run and base model that made the image."""
+
+    name = "watermark"
+    Config = WatermarkConfig
+
+    def process(self, item: OutputImage) -> OutputImage:
+        cfg = self.cfg
+        bits = payload_for(item.provenance, cfg.payload_bits)
+        payload = bits_to_hex(bits)
+        img = item.image
+        w, h = img.size
+        details = {"payload": payload, "method": cfg.method, "strength": cfg.strength, "payload_bits": cfg.payload_bits}
+        small = w * h < MIN_AREA
+        if small and cfg.min_size_action != "upscale":
+            reason = (f"{w}x{h} is below the watermark's minimum area of 256x256 pixels; "
+                      f"min_size_action: {cfg.min_size_action}")
+            return self._unmarked(item, reason, cfg.min_size_action == "reject", details)
+        if small:
+            marked, factor = embed_small(img, bits, cfg.method, cfg.strength)
+            details["upscaled"] = factor
+            check = marked.resize((w * factor, h * factor), Image.BICUBIC)
+        else:
+            marked = check = embed_bits(img, bits, cfg.method, cfg.strength)
+        got = decode_bits(check, cfg.payload_bits, cfg.method, cfg.strength)
+        wrong = int((got != bits).sum())
+        if wrong:
+            how = f"upscaled x{details['upscaled']} for a {w}x{h} image" if small else f"{w}x{h}"
+            reason = (f"the watermark did not read back after embedding ({wrong}/{len(bits)} bits wrong; {how}); "
+                      f"on_failure: {cfg.on_failure}")
+            return self._unmarked(item, reason, cfg.on_failure == "reject", details)
+        item.image = marked
+        item.text["finetune_watermark"] = json.dumps({"watermarked": True, **details,
+                                                      "source": _describe_source(item.provenance)})
+        item.verdicts.append(Verdict(self.name, "transform", details={**details, "watermarked": True}))
+        return item
+
+    def _unmarked(self, item: OutputImage, reason: str, reject: bool, details: dict) -> OutputImage:
+        details = {**details, "watermarked": False}
+        if reject:
+            return item.reject(self.name, reason, **details)
+        item.text["finetune_watermark"] = json.dumps({"watermarked": False, "reason": reason})
+        item.verdicts.append(Verdict(self.name, "pass", reason, details))
+        return item
+
+
+def _describe_source(prov: Provenance) -> str:
+    if any(a.get("sha256") for a in prov.adapters):
+        names = ", ".join(f"{Path(a['path']).name} ({a['sha256'][:12]})" for a in prov.adapters if a.get("sha256"))
+        return f"adapters {names} on {base_name(prov.base_model) or '?'}"
+    if prov.run:
+        return f"run {prov.run} on {base_name(prov.base_model) or '?'}"
+    return f"base model {base_name(prov.base_model) or '?'}"
+
+
+# --- what we know was made here ----------------------------------------------------------------
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of a file, computed once per (path, size, mtime) in this process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def _run_folders(outputs_dir: Path) -> list[Path]:
+    found = [outputs_dir] if (outputs_dir / "recipe.yaml").is_file() else []
+    return found + sorted(p.parent for p in outputs_dir.glob("*/recipe.yaml"))
+
+
+def _read_recipe(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _profile(raw: dict) -> tuple[str, int, int]:
+    return (raw.get("method", DEFAULT_METHOD), int(raw.get("strength", DEFAULT_STRENGTH)),
+            int(raw.get("payload_bits", DEFAULT_BITS)))
+
+
+def _known(outputs_dir: Path) -> tuple[dict[str, str], list[tuple[str, int, int]]]:
+    outputs_dir = Path(outputs_dir)
+    known: dict[str, str] = {}
+    profiles: list[tuple[str, int, int]] = []
+
+    def add(source: str, base, description: str, n_bits: int) -> None:
+        known.setdefault(bits_to_hex(make_payload(source, base, n_bits)), description)
+
+    if not outputs_dir.is_dir():
+        return known, profiles
+    for run_dir in _run_folders(outputs_dir):
+        recipe = _read_recipe(run_dir / "recipe.yaml")
+        base = (recipe.get("model") or {}).get("base")
+        hooks = (recipe.get("output") or {}).get("hooks") or []
+        lengths = {DEFAULT_BITS}
+        for raw in hooks:
+            if isinstance(raw, dict) and raw.get("type") == "watermark":
+                profiles.append(_profile(raw))
+                lengths.add(_profile(raw)[2])
+        run = run_dir.name
+        for n in sorted(lengths):
+            add("run:" + run, base, f"run {run} (samples while training)", n)
+            folders: dict[Path, list[str]] = {}
+            # Top-level files first: a final adapter identical to its last checkpoint is named as the final one.
+            for f in sorted(run_dir.rglob("*.safetensors"), key=lambda p: (len(p.parts), str(p))):
+                if f.name.startswith(".") or any(p.startswith(".tmp") for p in f.relative_to(run_dir).parts):
+                    continue
+                digest = cached_sha256(f)
+                folders.setdefault(f.parent, []).append(digest)
+                add("adapters:" + digest, base, f"run {run}, adapter {f.relative_to(run_dir).as_posix()}", n)
+            for folder, digests in folders.items():  # `--lora FOLDER` loads every file in it
+                if len(digests) > 1:
+                    rel = folder.relative_to(run_dir).as_posix()
+                    add("adapters:" + ",".join(sorted(digests)), base,
+                        f"run {run}, adapters in {'the run folder' if rel == '.' else rel}", n)
+            add("base:" + base_name(base), base, f"base model {base_name(base)} without adapters", n)
+    # Manifests record every payload the watermark hook embedded, with its file and prompt.
+    for manifest in sorted(outputs_dir.rglob("manifest.jsonl")):
+        try:
+            lines = manifest.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            for v in row.get("verdicts") or []:
+                if v.get("hook") == "watermark" and v.get("watermarked") and v.get("payload"):
+                    where = manifest.parent.relative_to(outputs_dir).as_posix() if manifest.parent != outputs_dir else "."
+                    known.setdefault(v["payload"], f"{where}/{row.get('file')} (prompt {row.get('prompt')!r})")
+                    profiles.append(_profile(v))
+    return known, profiles
+
+
+def known_payloads(outputs_dir: Path) -> dict[str, str]:
+    """Payload hex -> what made it, for everything the run folders under `outputs_dir` could have
+    made: each run's samples, each adapter file (and each folder of them), its base model alone;
+    plus every payload a manifest there records."""
+    return _known(Path(outputs_dir))[0]
+
+
+# --- detection --------------------------------------------------------------------------------
+
+def _candidate_sizes(w: int, h: int) -> list[tuple[int, int]]:
+    f = upscale_factor(w, h)
+    # Nothing is marked below the minimum area: a small image is read at the size it was marked at.
+    sizes = [(w, h)] if f == 1 else [(w * f, h * f)]
+    aspect = w / h
+    scaled = [(s, max(8, round(s / aspect / 8) * 8)) if w >= h else (max(8, round(s * aspect / 8) * 8), s)
+              for s in SEARCH_SIDES]
+    for size in [*STANDARD_SIZES, *scaled]:
+        ratio = size[0] / w
+        if (size not in sizes and size[0] * size[1] >= MIN_AREA and abs(size[0] / size[1] / aspect - 1) < 0.02
+                and 1 / SEARCH_RATIO <= ratio <= SEARCH_RATIO):
+            sizes.append(size)
+    return sizes
+
+
+def _match(bits: np.ndarray, known: dict[str, str], exact: bool) -> tuple[str, int] | None:
+    """The known payload this decodes to: by the source and base fields when the check bits
+    passed, else within KNOWN_TOLERANCE bits."""
+    n = len(bits)
+    best = None
+    for hx, desc in known.items():
+        kb = hex_to_bits(hx)
+        if len(kb) != n:
+            continue
+        same = int((kb == bits).sum())
+        src = n - BASE_BITS - CHECK_BITS
+        if exact and (kb[:src] == bits[:src]).all():
+            if (kb[:n - CHECK_BITS] == bits[:n - CHECK_BITS]).all():
+                return desc, same
+            best = best or (f"{desc}, but on another base model than its recipe's", same)
+        elif not exact and n - same <= KNOWN_TOLERANCE and (best is None or same > best[1]):
+            best = (desc, same)
+    return best
+
+
+def detect(image: Image.Image | str | Path, known: dict[str, str] | None = None,
+           profiles: list[tuple[str, int, int]] | None = None) -> dict:
+    """Look for our watermark. Tries each profile (method, strength, bits; the default first) on
+    the image as it is, upscaled by the factor small images are marked at, and resized to common
+    generation sizes; "found" when the check bits pass, or when the payload is within a few bits of
+    a known one. Returns verdict, payload (hex; the best guess when not found), check_bits (matched,
+    of CHECK_BITS), match (what made it, when known) and match_bits."""
+    if not isinstance(image, Image.Image):
+        image = Image.open(image)
+    image = image.convert("RGB")
+    original_size = image.size
+    known = known or {}
+    todo = [(DEFAULT_METHOD, DEFAULT_STRENGTH, DEFAULT_BITS)]
+    for p in profiles or []:
+        if p not in todo:
+            todo.append(p)
+    best = None
+    tried = 0
+    for size in _candidate_sizes(*image.size):
+        img = image if size == image.size else image.resize(size, Image.BICUBIC)
+        for method, strength, n_bits in todo:
+            tried += 1
+            scores = decode_scores(img, n_bits, method, strength)
+            bits = (scores * 255 > 127).astype(np.uint8)
+            checks = check_ok(bits)
+            result = {"verdict": "not found", "payload": bits_to_hex(bits), "check_bits": (checks, CHECK_BITS),
+                      "method": method, "strength": strength, "payload_bits": n_bits, "size": size,
+                      "image_size": original_size, "confidence": round(float(np.abs(scores - 0.5).mean() * 2), 3), "match": None, "match_bits": None}
+            if checks == CHECK_BITS:
+                result["verdict"] = "found"
+                m = _match(bits, known, exact=True)
+                if m:
+                    result["match"], result["match_bits"] = m[0], (m[1], n_bits)
+                result["tried"] = tried
+                return result
+            m = _match(bits, known, exact=False)
+            if m:
+                result.update(verdict="found", match=m[0], match_bits=(m[1], n_bits), tried=tried)
+                return result
+            if best is None or (checks, result["confidence"]) > (best["check_bits"][0], best["confidence"]):
+                best = result
+    best["tried"] = tried
+    return best
+
+
+def known_profiles(outputs_dir: Path) -> list[tuple[str, int, int]]:
+    """(method, strength, payload_bits) of every watermark configured in a recipe or recorded in a
+    manifest under `outputs_dir`: the detector tries these besides the default."""
+    return list(dict.fromkeys(_known(Path(outputs_dir))[1]))
+
+
+def detect_report(paths: list[Path], outputs_dir: Path = Path("outputs")) -> tuple[list[str], int]:
+    """One printable line per image, and an exit code: 0 when every image carries our watermark,
+    1 when some do not, 2 when some could not be read."""
+    known, profiles = _known(Path(outputs_dir))
+    profiles = list(dict.fromkeys(profiles))
+    lines, code = [], 0
+    for path in paths:
+        try:
+            r = detect(Path(path), known, profiles)
+        except (OSError, ValueError) as e:  # unreadable or not an image
+            lines.append(f"{path}: error: {e}")
+            code = 2
+            continue
+        checks = f"check bits {r['check_bits'][0]}/{r['check_bits'][1]}"
+        where = "" if r["size"] == r["image_size"] else f", read at {r['size'][0]}x{r['size'][1]}"
+        if r["verdict"] == "found":
+            bits = f", {r['match_bits'][0]}/{r['match_bits'][1]} bits match" if r["match_bits"] else ""
+            made = r["match"] or f"unknown (no run or manifest under {outputs_dir} has this payload)"
+            lines.append(f"{path}: found, payload {r['payload']}, {checks}{bits}{where}, {r['method']}: {made}")
+        else:
+            lines.append(f"{path}: not found ({checks} at best), unknown")
+            code = max(code, 1)
+    return lines, code
