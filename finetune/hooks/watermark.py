@@ -5,8 +5,8 @@ Built on invisible-watermark (`imwatermark`): its per-block embedding rule (`Emb
 low band, each payload bit repeated over every L-th block) on the image's luma. We do the colour
 and wavelet transforms around it ourselves because the library's `encode()` (0.2.0) swaps the
 horizontal and vertical detail bands on the way back (`idwt2((ca, (v, h, d)))`), which costs
-10-20 dB of PSNR on its own (24.8 dB on a noise-like SD output, measured), and wraps values when
-it is given uint8 pixels. Decoding applies the library's per-block rule, vectorised (a test
+10-20 dB of PSNR on its own (24.8 dB on a noise-like SD output, measured), and truncates and wraps
+values (-1.5 -> 255) when it is given uint8 pixels. Decoding applies the library's per-block rule, vectorised (a test
 checks it against `decode_frame` vote for vote).
 
 The payload (64 bits by default) identifies what made the image, deterministically, so a
@@ -49,8 +49,8 @@ CHECK_BITS = 20
 MIN_AREA = 256 * 256  # the library's minimum (encode/decode refuse smaller images)
 BLOCK = 4
 DOMAIN = b"finetune-watermark-v1\0"
-# Hamming distance within which a decoded payload still matches a known one (64 bits: a random
-# payload comes this close to a given known one with probability ~3e-10).
+# A decoded payload still matches a known one when at most 1 bit in KNOWN_TOLERANCE is wrong
+# (64 bits: up to 8 wrong; a random payload comes that close to a given one with probability 2.8e-10).
 KNOWN_TOLERANCE = 8
 # Sizes the detector also tries when the image's own size does not read: the sizes images are
 # usually generated at (SD1.x/2.x, SDXL buckets), and these longer sides with the image's aspect;
@@ -419,9 +419,9 @@ def _candidate_sizes(w: int, h: int) -> list[tuple[int, int]]:
     return sizes
 
 
-def _match(bits: np.ndarray, known: dict[str, str], exact: bool) -> tuple[str, int] | None:
+def _match(bits: np.ndarray, known: dict[str, str], exact: bool) -> tuple[str, int, str] | None:
     """The known payload this decodes to: by the source and base fields when the check bits
-    passed, else within KNOWN_TOLERANCE bits."""
+    passed, else the nearest with at most 1 bit in KNOWN_TOLERANCE wrong."""
     n = len(bits)
     best = None
     for hx, desc in known.items():
@@ -432,20 +432,28 @@ def _match(bits: np.ndarray, known: dict[str, str], exact: bool) -> tuple[str, i
         src = n - BASE_BITS - CHECK_BITS
         if exact and (kb[:src] == bits[:src]).all():
             if (kb[:n - CHECK_BITS] == bits[:n - CHECK_BITS]).all():
-                return desc, same
-            best = best or (f"{desc}, but on another base model than its recipe's", same)
-        elif not exact and n - same <= KNOWN_TOLERANCE and (best is None or same > best[1]):
-            best = (desc, same)
+                return desc, same, hx
+            best = best or (f"{desc}, but on another base model than its recipe's", same, hx)
+        elif not exact and n - same <= n // KNOWN_TOLERANCE and (best is None or same > best[1]):
+            best = (desc, same, hx)
     return best
 
 
 def detect(image: Image.Image | str | Path, known: dict[str, str] | None = None,
            profiles: list[tuple[str, int, int]] | None = None) -> dict:
-    """Look for our watermark. Tries each profile (method, strength, bits; the default first) on
-    the image as it is, upscaled by the factor small images are marked at, and resized to common
-    generation sizes; "found" when the check bits pass, or when the payload is within a few bits of
-    a known one. Returns verdict, payload (hex; the best guess when not found), check_bits (matched,
-    of CHECK_BITS), match (what made it, when known) and match_bits."""
+    """Look for our watermark, blind (no original needed).
+
+    Tries each profile (method, strength, payload bits: the default first, then `profiles`) on the
+    image as it is (below the minimum area: upscaled by the factor small images are marked at),
+    then resized to the usual generation sizes of its aspect. "found" when all check bits agree
+    with the payload, or when at most 1 bit in KNOWN_TOLERANCE differs from one in `known`
+    (payload hex -> description, from `known_payloads`).
+
+    Returns a dict: verdict ("found"/"not found"), payload (hex as decoded; the best guess when not
+    found), check_bits ((agreeing, CHECK_BITS)), match (the description of the known payload, or
+    None), match_bits ((bits equal to it, payload bits)), match_payload, method, strength,
+    payload_bits, size (where it was read), image_size, confidence (0 random .. 1 every block
+    agrees), tried (readings made)."""
     if not isinstance(image, Image.Image):
         image = Image.open(image)
     image = image.convert("RGB")
@@ -466,17 +474,18 @@ def detect(image: Image.Image | str | Path, known: dict[str, str] | None = None,
             checks = check_ok(bits)
             result = {"verdict": "not found", "payload": bits_to_hex(bits), "check_bits": (checks, CHECK_BITS),
                       "method": method, "strength": strength, "payload_bits": n_bits, "size": size,
-                      "image_size": original_size, "confidence": round(float(np.abs(scores - 0.5).mean() * 2), 3), "match": None, "match_bits": None}
+                      "image_size": original_size, "confidence": round(float(np.abs(scores - 0.5).mean() * 2), 3), "match": None, "match_bits": None,
+                      "match_payload": None}
             if checks == CHECK_BITS:
                 result["verdict"] = "found"
                 m = _match(bits, known, exact=True)
                 if m:
-                    result["match"], result["match_bits"] = m[0], (m[1], n_bits)
+                    result.update(match=m[0], match_bits=(m[1], n_bits), match_payload=m[2])
                 result["tried"] = tried
                 return result
             m = _match(bits, known, exact=False)
             if m:
-                result.update(verdict="found", match=m[0], match_bits=(m[1], n_bits), tried=tried)
+                result.update(verdict="found", match=m[0], match_bits=(m[1], n_bits), match_payload=m[2], tried=tried)
                 return result
             if best is None or (checks, result["confidence"]) > (best["check_bits"][0], best["confidence"]):
                 best = result
@@ -506,7 +515,11 @@ def detect_report(paths: list[Path], outputs_dir: Path = Path("outputs")) -> tup
         checks = f"check bits {r['check_bits'][0]}/{r['check_bits'][1]}"
         where = "" if r["size"] == r["image_size"] else f", read at {r['size'][0]}x{r['size'][1]}"
         if r["verdict"] == "found":
-            bits = f", {r['match_bits'][0]}/{r['match_bits'][1]} bits match" if r["match_bits"] else ""
+            bits = ""
+            if r["match_bits"]:
+                bits = f", {r['match_bits'][0]}/{r['match_bits'][1]} bits match"
+                if r["match_payload"] != r["payload"]:
+                    bits += f" known payload {r['match_payload']}"
             made = r["match"] or f"unknown (no run or manifest under {outputs_dir} has this payload)"
             lines.append(f"{path}: found, payload {r['payload']}, {checks}{bits}{where}, {r['method']}: {made}")
         else:
