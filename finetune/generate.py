@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .cache import file_sha256
 from .errors import FinetuneError
 
 
@@ -47,16 +48,6 @@ def load_pipeline(base: str, family: str = "auto", loras: list[str] = ()):
     if names:
         pipe.set_adapters(names, adapter_weights=weights)
     return pipe, fam
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def adapter_records(loras) -> list[dict]:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .cache import cache_dir
+
 TINY_SD15 = "tiny-sd15"
 BUILTIN_PREFIX = "builtin:"
 
@@ -128,10 +130,6 @@ def build_sd15_full_random(folder: str | os.PathLike, seed: int = 0):
 
 
 BUILTIN_MODELS = {TINY_SD15: build_tiny_sd15, "sd15-full-random": build_sd15_full_random}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
 
 
 def resolve_builtin(name: str) -> Path:

@@ -6,6 +6,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from finetune.data.prior import class_image_files, ensure_class_images
+from finetune.hooks.base import Hook
 from finetune.recipe import validate
 from finetune.recipe.schema import PriorPreservationConfig
 from finetune.train import train
@@ -61,13 +62,74 @@ def test_black_class_images_are_regenerated_or_left_out(tiny_sd15, tmp_path):
     files = ensure_class_images(_FilteredPipe(_pipe(tiny_sd15), {0, 1}), cfg, 64, logs.append, progress=False)
     assert len(files) == 2
     assert all(np.asarray(Image.open(f)).max() > 8 for f in files)
-    assert any("2 black class image(s) rejected" in line and "0 left out" in line for line in logs)
+    assert any("2 class image(s) rejected (2 black image)" in line and "0 left out" in line for line in logs)
     # Always black: left out and counted, never written.
     cfg2 = cfg.model_copy(update={"class_data_dir": str(tmp_path / "cls2")})
     files = ensure_class_images(_FilteredPipe(_pipe(tiny_sd15), set(range(100)), every_image=True), cfg2, 64,
                                 logs.append, False)
     assert files == [] and class_image_files(tmp_path / "cls2") == []
-    assert "6 black class image(s) rejected and retried with other seeds; 2 left out" in logs[-1]
+    assert "6 class image(s) rejected (6 black image) and retried with other seeds; 2 left out" in logs[-1]
+
+
+class _RejectSeeds(Hook):
+    """A content screen that rejects the images of some seeds, as an image classifier would."""
+
+    name = "reject_seeds"
+    screens_content = True
+
+    def __init__(self, seeds):
+        self.seeds, self.seen = seeds, []
+
+    def process(self, item):
+        self.seen.append(item.provenance.seed)
+        if item.provenance.seed in self.seeds:
+            return item.reject(self.name, "flagged")
+        return super().process(item)
+
+
+def test_class_images_pass_the_recipes_content_screens(tiny_sd15, tmp_path):
+    from finetune.hooks.pipeline import OutputPipeline
+
+    cfg = PriorPreservationConfig(enabled=True, class_prompt="a ball", class_data_dir=str(tmp_path / "cls"),
+                                  num_class_images=2, sample_batch_size=2, num_inference_steps=2, seed=5)
+    screen = _RejectSeeds({5})
+    logs = []
+    files = ensure_class_images(_pipe(tiny_sd15), cfg, 64, logs.append, False, screen=OutputPipeline([screen]))
+    # Seed 5 was rejected and retried with another seed; seed 6 passed; nothing flagged was written.
+    assert len(files) == 2 and screen.seen == [5, 5 + 1_000_003, 6]
+    assert [f.name for f in files] == ["class-00000-seed1000008.png", "class-00001-seed6.png"]
+    assert any("1 class image(s) rejected (1 reject_seeds: flagged)" in line for line in logs)
+
+
+def _tiny_checker(folder):
+    from .test_safety_checker import make_checker
+
+    return make_checker(folder, always_flag=True)
+
+
+def test_training_screens_class_images_with_the_recipes_safety_checker(tiny_sd15, tmp_path):
+    """A flagged class image is never kept, blurred or replaced: even with action blur, it is
+    regenerated and finally left out; with every image flagged the run refuses to train."""
+    import pytest
+
+    from finetune.errors import FinetuneError
+
+    data = make_image_folder(tmp_path / "data", n=2, sizes=((64, 64),))
+    r = tiny_recipe(tiny_sd15, data, tmp_path / "out", training__max_steps=1)
+    r["prior_preservation"] = {"enabled": True, "class_prompt": "a photo of a ball", "class_data_dir": str(tmp_path / "cls"),
+                               "num_class_images": 1, "num_inference_steps": 2}
+    r["output"]["hooks"] = [{"type": "safety_checker", "weights": str(_tiny_checker(tmp_path / "checker")), "action": "blur"},
+                            {"type": "watermark"}]
+    logs = []
+    with pytest.raises(FinetuneError, match="no usable class images"):
+        train(validate(r, "test"), log=logs.append, progress=False)
+    assert class_image_files(tmp_path / "cls") == []
+    assert any("rejected (3 safety_checker: flagged by the safety checker; blurred)" in line and "1 left out" in line
+               for line in logs)
+    # A class prompt the recipe's prompt filter refuses cannot make class images: said before generating.
+    r["output"]["hooks"] = [{"type": "prompt_filter", "block": ["ball"]}]
+    with pytest.raises(FinetuneError, match=r"prior_preservation\.class_prompt: 'a photo of a ball' is refused by output hook prompt_filter"):
+        train(validate(r, "test"), log=logs.append, progress=False)
 
 
 def _class_folder(folder, seeds):

@@ -238,3 +238,30 @@ def test_vectorised_decoding_matches_the_library_vote_for_vote():
         lib = cls([], wmLen=16).decode_frame(frame, 30, [[] for _ in range(16)])
         ours = wm.block_votes(frame, method, 30)
         assert [ours[i::16].tolist() for i in range(16)] == lib
+
+
+def test_adapter_hashes_are_remembered_on_disk_until_the_file_changes(tmp_path, monkeypatch):
+    """`watermark detect` hashes every file under outputs/; a multi-GB checkpoint is read once,
+    not on every call, and a changed file is read again."""
+    import hashlib
+    import os
+
+    from finetune import cache
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "a.safetensors"
+    f.write_bytes(b"one")
+    assert cache.file_sha256(f) == hashlib.sha256(b"one").hexdigest()
+    cache._memory.clear()  # a new process
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: (reads.append(str(p)), real_open(p, *a, **k))[1])
+    assert cache.file_sha256(f) == hashlib.sha256(b"one").hexdigest()
+    assert str(f) not in reads  # answered from the cache file
+    f.write_bytes(b"two!")
+    os.utime(f, ns=(1, 1))
+    assert cache.file_sha256(f) == hashlib.sha256(b"two!").hexdigest()
+    assert str(f) in reads
+    (tmp_path / "cache" / cache.HASHES_FILE).write_text("{not json")  # a damaged cache is ignored, not fatal
+    cache._memory.clear()
+    assert cache.file_sha256(f) == hashlib.sha256(b"two!").hexdigest()

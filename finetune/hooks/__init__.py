@@ -10,8 +10,9 @@ from .base import Hook, HookConfig, OutputImage, Provenance, Verdict
 HOOKS: Registry[type[Hook]] = Registry("output hook", __name__)
 register_hook = HOOKS.register
 ENTRY_POINT_GROUP = "finetune.hooks"
-# What runs when a recipe or command names no hooks: provenance metadata on every image.
-DEFAULT_HOOKS: list[dict] = [{"type": "provenance"}]
+# What runs when a recipe or command names no hooks: an invisible watermark naming the adapters,
+# run and base model (its payload is in the `finetune_watermark` text chunk), then provenance metadata.
+DEFAULT_HOOKS: list[dict] = [{"type": "watermark"}, {"type": "provenance"}]
 
 _entry_points_loaded = False
 

@@ -77,6 +77,9 @@ class HookConfig(Section):
 class Hook:
     name: ClassVar[str]
     Config: ClassVar[type[HookConfig]] = HookConfig
+    # Content screens (prompt filters, image classifiers) also vet prior-preservation class images,
+    # which are training data: marks and metadata are not applied to those.
+    screens_content: ClassVar[bool] = False
 
     def __init__(self, cfg: HookConfig):
         self.cfg = cfg

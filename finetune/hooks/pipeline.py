@@ -28,6 +28,10 @@ class OutputPipeline:
                 refusals.append(Verdict(hook.name, "reject", reason))
         return refusals
 
+    def screening(self) -> "OutputPipeline":
+        """Only the hooks that screen content (for class images: vetted, never marked)."""
+        return OutputPipeline([h for h in self.hooks if h.screens_content])
+
     def process(self, item: OutputImage) -> OutputImage:
         for hook in self.hooks:
             item = hook.process(item)

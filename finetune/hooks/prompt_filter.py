@@ -39,6 +39,7 @@ def squash(text: str) -> str:
 class PromptFilterHook(Hook):
     name = "prompt_filter"
     Config = PromptFilterConfig
+    screens_content = True
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -30,6 +30,9 @@ class SafetyCheckerConfig(HookConfig):
     blur_radius: float = Field(32.0, gt=0)
 
 
+DONE = {"blur": "blurred", "replace": "replaced with grey"}
+
+
 def _locate(weights: str) -> tuple[str, str, dict]:
     p = Path(weights).expanduser()
     if p.is_dir() and (p / "safety_checker").is_dir():
@@ -43,6 +46,7 @@ def _locate(weights: str) -> tuple[str, str, dict]:
 class SafetyCheckerHook(Hook):
     name = "safety_checker"
     Config = SafetyCheckerConfig
+    screens_content = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -78,5 +82,5 @@ class SafetyCheckerHook(Hook):
             item.image = item.image.filter(ImageFilter.GaussianBlur(self.cfg.blur_radius))
         else:
             item.image = Image.new("RGB", item.image.size, (128, 128, 128))
-        item.verdicts.append(Verdict(self.name, "transform", f"flagged by the safety checker; {action}ed"))
+        item.verdicts.append(Verdict(self.name, "transform", f"flagged by the safety checker; {DONE[action]}"))
         return item

@@ -37,6 +37,8 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
+from ..cache import file_sha256
+
 from . import register_hook
 from .base import Hook, HookConfig, OutputImage, Provenance, Verdict
 
@@ -304,22 +306,6 @@ def _describe_source(prov: Provenance) -> str:
 
 # --- what we know was made here ----------------------------------------------------------------
 
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def cached_sha256(path: Path) -> str:
-    """sha256 of a file, computed once per (path, size, mtime) in this process."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
-
-
 def _run_folders(outputs_dir: Path) -> list[Path]:
     found = [outputs_dir] if (outputs_dir / "recipe.yaml").is_file() else []
     return found + sorted(p.parent for p in outputs_dir.glob("*/recipe.yaml"))
@@ -367,7 +353,7 @@ def _known(outputs_dir: Path) -> tuple[dict[str, str], list[tuple[str, int, int]
             for f in sorted(run_dir.rglob("*.safetensors"), key=lambda p: (len(p.parts), str(p))):
                 if f.name.startswith(".") or any(p.startswith(".tmp") for p in f.relative_to(run_dir).parts):
                     continue
-                digest = cached_sha256(f)
+                digest = file_sha256(f)
                 folders.setdefault(f.parent, []).append(digest)
                 add("adapters:" + digest, base, f"run {run}, adapter {f.relative_to(run_dir).as_posix()}", n)
             for folder, digests in folders.items():  # `--lora FOLDER` loads every file in it

@@ -101,6 +101,10 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     log(f"data: {len(examples)} images x {recipe.data.repeats} repeats from {recipe.data.path}")
 
     run_dir, run_name = plan_run_dir(recipe, recipe_path)
+    from ..hooks import build_pipeline
+
+    # Before the model loads: a configured filter that cannot load stops the run now (fail closed).
+    output_hooks = build_pipeline(recipe.output.hooks, log)
     # accelerate keeps process-wide state; a second run in one process (notebooks, benchmarks)
     # may ask for another precision, so start from a clean slate each time.
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -121,7 +125,8 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     if pp.enabled:
         # Made by the untouched base model, before any adapter is attached.
         with accelerator.autocast():
-            class_files = ensure_class_images(c.pipeline, pp, recipe.data.resolution, log, progress)
+            class_files = ensure_class_images(c.pipeline, pp, recipe.data.resolution, log, progress,
+                                              screen=output_hooks.screening())
         if not class_files:
             raise FinetuneError(f"prior_preservation.class_data_dir: no usable class images in {pp.class_data_dir}")
         log(f"prior preservation: {len(class_files)} class images, prior loss weight {pp.prior_loss_weight}")
@@ -137,7 +142,7 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     log(f"run folder: {run_dir}")
     with _discard_if_failed(run_dir):
         return _train_loop(recipe, log, progress, accelerator, family, source, c, method, groups, dataset,
-                           examples, class_files, run_dir, run_name, weight_dtype)
+                           examples, class_files, run_dir, run_name, weight_dtype, output_hooks)
 
 
 @contextlib.contextmanager
@@ -152,17 +157,15 @@ def _discard_if_failed(run_dir: Path):
 
 
 def _train_loop(recipe, log, progress, accelerator, family, source, c, method, groups, dataset, examples,
-                class_files, run_dir, run_name, weight_dtype) -> RunResult:
+                class_files, run_dir, run_name, weight_dtype, output_hooks) -> RunResult:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     from ..data import ImageCaptionDataset
     from ..data.prior import class_examples
     from ..export.model_card import write_model_card
-    from ..hooks import Provenance, build_pipeline
+    from ..hooks import Provenance
     from .sampling import emit_images
-
-    output_hooks = build_pipeline(recipe.output.hooks, log)
 
     tr = recipe.training
     device = accelerator.device
