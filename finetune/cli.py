@@ -51,6 +51,8 @@ def _guard():
     except KeyboardInterrupt:
         typer.secho("interrupted", fg="red", err=True)
         raise typer.Exit(130)
+    except typer.Exit:
+        raise
     except Exception as e:  # anything unexpected: still one line, the traceback behind --debug
         if _state["debug"]:
             raise
@@ -79,6 +81,10 @@ def train(
     recipe: str = typer.Argument(..., help="Recipe file or bundled recipe name."),
     set_: List[str] = typer.Option([], "--set", "-s", help="Override a key: --set training.max_steps=100 (repeatable)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (for logs)."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", metavar="[PATH|latest]",
+        help="Continue a run exactly from its last checkpoint: alone, this recipe's latest run; or a run folder "
+             "or checkpoint folder."),
 ):
     """Train an adapter from RECIPE. Extra KEY=VALUE arguments override recipe keys."""
     with _guard():
@@ -87,8 +93,14 @@ def train(
 
         overrides = [*ctx.args, *set_]
         r, path = load_recipe(recipe, overrides)
-        result = run_training(r, path, log=typer.echo, progress=not no_progress)
+        result = run_training(r, path, log=typer.echo, progress=not no_progress, resume=resume)
         typer.echo(f"run folder: {result.run_dir}")
+        if result.interrupted:
+            import shlex
+
+            again = shlex.join(["finetune", "train", recipe, *overrides, "--resume", str(result.run_dir)])
+            typer.echo(f"to continue: {again}")
+            raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
 
 
 @app.command()
@@ -201,6 +213,57 @@ def watermark_detect(
     raise typer.Exit(code)  # outside the guard: an exit code is not an error
 
 
+dataset_app = typer.Typer(help="Check an image set before training on it.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+
+
+@dataset_app.command("check")
+def dataset_check(
+    path: str = typer.Argument(..., help="Image folder, metadata.jsonl/.csv, or a saved or hub dataset."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Take the data settings and base model from this "
+                                                                "recipe (its data.path is replaced by PATH)."),
+    resolution: Optional[int] = typer.Option(None, "--resolution",
+                                             help="Training size (default: the recipe's, else 512)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model whose tokenizer measures the captions "
+                                                            "(default: the recipe's); never downloaded."),
+):
+    """Report every file that cannot train and every likely mistake, with counts and names. Exit 0: every
+    image trains (warnings at most); 1: some would be skipped, or none can train."""
+    with _guard():
+        from .data.check import check_dataset, load_tokenizer
+
+        data, model = _dataset_settings(path, recipe, resolution, base)
+        tokenizer, why_not = load_tokenizer(model.base if model else base, model.config if model else None)
+        report = check_dataset(data, tokenizer=tokenizer)
+        if why_not:
+            report.notes.append(f"caption length not checked: {why_not}")
+        for line in report.summary():
+            typer.echo(line)
+        report.raise_if_unusable()
+        code = 1 if report.skipped else 0
+    raise typer.Exit(code)  # outside the guard: an exit code is not an error
+
+
+def _dataset_settings(path: str, recipe: str | None, resolution: int | None, base: str | None):
+    """(DataConfig, ModelConfig or None) for `dataset check`: the recipe's, or defaults, with the options applied."""
+    import json
+
+    from pydantic import ValidationError
+
+    from .recipe import DataConfig, load_recipe
+
+    if recipe:
+        overrides = [f"data.path={json.dumps(path)}"]  # JSON: any path reads back as a YAML string
+        overrides += [f"data.resolution={resolution}"] if resolution else []
+        overrides += [f"model.base={json.dumps(base)}"] if base else []
+        r, _ = load_recipe(recipe, overrides)
+        return r.data, r.model
+    try:
+        return DataConfig(path=path, **({"resolution": resolution} if resolution else {})), None
+    except ValidationError as e:
+        raise FinetuneError(f"--resolution: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
 @app.command("tiny-model")
 def tiny_model(folder: Path = typer.Argument(..., help="Where to write the tiny SD1.5 diffusers folder.")):
     """Build the tiny, shape-faithful SD1.5 used by the tests and the quickstart."""
@@ -210,8 +273,19 @@ def tiny_model(folder: Path = typer.Argument(..., help="Where to write the tiny 
         typer.echo(str(build_tiny_sd15(folder)))
 
 
-def run() -> None:  # pragma: no cover - console entry for `python -m finetune`
-    app(prog_name="finetune")
+def optional_resume(args: list[str]) -> list[str]:
+    """`--resume` with no value means the latest run (typer options cannot take an optional value)."""
+    out = []
+    for i, a in enumerate(args):
+        out.append(a)
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        if a == "--resume" and (nxt is None or nxt.startswith("-") or ("=" in nxt and not Path(nxt).exists())):
+            out.append("latest")
+    return out
+
+
+def run() -> None:  # pragma: no cover - the console script and `python -m finetune`
+    app(args=optional_resume(sys.argv[1:]), prog_name="finetune")
 
 
 if __name__ == "__main__":  # pragma: no cover

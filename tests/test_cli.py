@@ -83,7 +83,8 @@ def test_train_errors_are_one_line_and_leave_nothing(user_recipe, tmp_path):
     assert "Traceback" not in r.output
     assert not (tmp_path / "outputs" / "x").exists()
     r = invoke("train", user_recipe, "model.base=" + str(tmp_path / "missing.ckpt"), "output.run_name=x")
-    assert r.exit_code == 1 and r.output.startswith("error: model.base:")
+    assert r.exit_code == 1 and r.output.startswith(f"error: {user_recipe}: model.base: file ")
+    assert r.output.strip().count("\n") == 0
     r = invoke("train", user_recipe, "training.mixed_precision=fp16", "output.run_name=x")
     assert r.exit_code == 1 and "fp16 needs a CUDA GPU" in r.output
     assert not (tmp_path / "outputs" / "x").exists()

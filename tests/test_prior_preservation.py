@@ -172,3 +172,20 @@ def test_prior_preservation_needs_a_class_prompt(tmp_path):
 
     with pytest.raises(RecipeError, match=r"prior_preservation\.class_prompt: required"):
         validate({"data": {"path": "x"}, "prior_preservation": {"enabled": True, "class_data_dir": "c"}}, "r.yaml")
+
+
+def test_a_run_that_finds_its_class_images_trains_like_the_run_that_made_them(tiny_sd15, tmp_path):
+    """Generating class images must not shift the training RNG: otherwise a second run (or a
+    resumed one, which finds them on disk) would train differently from the first."""
+    data = make_image_folder(tmp_path / "data", n=2, sizes=((64, 64),))
+    weights = []
+    for name in ("made", "found"):
+        r = tiny_recipe(tiny_sd15, data, tmp_path / "out", training__max_steps=2)
+        r["output"]["run_name"] = name
+        r["prior_preservation"] = {"enabled": True, "class_prompt": "a photo of a ball", "num_class_images": 2,
+                                   "class_data_dir": str(tmp_path / "cls"), "num_inference_steps": 2}
+        logs = []
+        result = train(validate(r, "test"), log=logs.append, progress=False)
+        assert any("generating 2 class images" in x for x in logs) == (name == "made")
+        weights.append(load_file(result.run_dir / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

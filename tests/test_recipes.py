@@ -144,3 +144,73 @@ def test_child_changing_method_type_drops_the_parents_method_keys(tmp_path):
         load_recipe(bad)
     assert "method.rank: unknown key" in str(exc.value) and "train_text_encoder" in str(exc.value)
     assert "init_lora_weights" not in str(exc.value)  # the keys listed are dreambooth's, not lora's
+
+
+def test_impossible_combinations_and_missing_things_are_one_line_each_before_any_model_loads(tmp_path):
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "model.ckpt").write_bytes(b"not really a checkpoint")
+    ok = {"model": {"base": "builtin:tiny-sd15"}, "data": {"path": "pics"}, "method": {"type": "lora", "rank": 4}}
+    p = write(tmp_path, "r.yaml", ok)
+    load_recipe(p)
+
+    def errors(*overrides):
+        with pytest.raises(RecipeError) as exc:
+            load_recipe(p, list(overrides))
+        return str(exc.value).splitlines()
+
+    # Switching the method on the command line drops the other method's keys, as `extends:` does;
+    # what the new method needs is then named.
+    assert errors("method.type=textual_inversion") == [
+        f"{p}: method.placeholder_token: required key is missing",
+        f"{p}: method.initializer_token: required key is missing"]
+    assert errors("data.resolution=100") == [f"{p}: data.resolution: 100 is not a multiple of 8 (the VAE's scale factor); try 96"]
+    assert errors("prior_preservation.enabled=true")[0].startswith(f"{p}: prior_preservation.class_prompt: required")
+    assert errors("model.family=sdxx")[0].startswith(f"{p}: model.family: unknown family 'sdxx'")
+    assert errors("model.base=/no/such/model") == [
+        f"{p}: model.base: /no/such/model is neither an existing folder/file nor a hub id (owner/name)"]
+    assert errors("model.base=builtin:nope")[0].startswith(f"{p}: model.base: unknown built-in model 'nope'")
+    assert "pickled checkpoint" in errors(f"model.base={tmp_path / 'model.ckpt'}")[0]
+    assert errors("data.path=./missing") == [f"{p}: data.path: ./missing does not exist here (nor in {tmp_path})"]
+    # Both at once: every problem, one line each.
+    assert len(errors("model.base=/no/such/model", "data.path=./missing")) == 2
+
+
+def test_training_an_uncached_hub_model_offline_fails_before_loading(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from finetune.errors import FinetuneError
+    from finetune.recipe import validate
+    from finetune.train import train
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "pics").mkdir()
+    r = validate({"model": {"base": "someone/not-cached-model"}, "data": {"path": str(tmp_path / "pics")}}, "r")
+    with pytest.raises(FinetuneError, match="not in the local hub cache and HF_HUB_OFFLINE is set"):
+        train(r, log=lambda *_: None, progress=False)
+
+
+def test_pickled_weights_load_only_with_the_flag_and_then_weights_only(tiny_sd15, tmp_path, monkeypatch):
+    """A diffusers folder whose weights are pickled .bin files is refused by default; with
+    model.allow_pickle it loads, through torch.load(weights_only=True)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from finetune.errors import FinetuneError
+    from finetune.families import get_family
+    from finetune.families.base import resolve_source
+    from finetune.recipe.schema import ModelConfig
+
+    pickled = tmp_path / "pickled"
+    StableDiffusionPipeline.from_pretrained(tiny_sd15, safety_checker=None).save_pretrained(pickled, safe_serialization=False)
+    # (transformers writes the text encoder as safetensors regardless; the UNet and VAE are pickled)
+    assert (pickled / "unet" / "diffusion_pytorch_model.bin").is_file() and not list((pickled / "unet").glob("*.safetensors"))
+    family = get_family("sd1")
+    cfg = ModelConfig(base=str(pickled))
+    with pytest.raises(FinetuneError, match="model.allow_pickle=true"):
+        family.load(resolve_source(cfg.base), cfg)
+    loads = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (loads.append(k.get("weights_only")), real(*a, **k))[1])
+    cfg = ModelConfig(base=str(pickled), allow_pickle=True)
+    c = family.load(resolve_source(cfg.base, True), cfg)
+    assert c.denoiser is not None and loads and all(w is True for w in loads)

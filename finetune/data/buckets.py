@@ -38,6 +38,13 @@ def make_buckets(resolution: int, step: int | None = None, min_size: int | None 
     return sorted(buckets)
 
 
+def training_buckets(cfg) -> list[tuple[int, int]]:
+    """The shapes a DataConfig trains at: its buckets, or only the square when bucketing is off."""
+    if cfg.bucketing.enabled:
+        return make_buckets(cfg.resolution, min_size=cfg.bucketing.min_size, max_size=cfg.bucketing.max_size)
+    return [(cfg.resolution, cfg.resolution)]
+
+
 def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
     """The bucket whose aspect ratio is closest to width/height (ties: the larger bucket)."""
     ratio = math.log(width / height)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .buckets import make_buckets, nearest_bucket, seeded_rng
+from .buckets import nearest_bucket, seeded_rng, training_buckets
 from .sources import Example
 
 # Separate streams, so that asking for a caption alone gives the same dropout as __getitem__.
@@ -25,11 +25,7 @@ class ImageCaptionDataset(Dataset):
         self.cfg = cfg
         self.seed = seed
         self.epoch = 0
-        res = cfg.resolution
-        if cfg.bucketing.enabled:
-            self.buckets = make_buckets(res, min_size=cfg.bucketing.min_size, max_size=cfg.bucketing.max_size)
-        else:
-            self.buckets = [(res, res)]
+        self.buckets = training_buckets(cfg)
         ids = {b: i for i, b in enumerate(self.buckets)}
         # One header read per image, here, so the sampler can group indices before any decoding.
         per_example = [ids[nearest_bucket(*e.size(), self.buckets)] for e in self.examples]

@@ -7,7 +7,10 @@ model learns, clipped 16-bit values), so every image goes through `to_rgb`.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import re
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -16,6 +19,13 @@ from ..errors import FinetuneError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
+# data.max_pixels' default. A file's header can claim any size, and decoding allocates it (a
+# "decompression bomb": a few KB that asks for gigabytes). 128 MP still admits 108 MP phone
+# photos (about 384 MB once decoded as RGB); PIL's own limit (89 MP warning, 179 MP error) would
+# warn on those and its warning is easy to miss.
+DEFAULT_MAX_PIXELS = 128_000_000
+_BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
 # EXIF orientations 5-8 turn the picture by 90 degrees, so width and height swap.
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112
@@ -23,30 +33,62 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
-def _open(source, name: str) -> Image.Image:
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int):
+    """PIL's decompression-bomb limit set to `max_pixels`, and its warning (between 1x and 2x the
+    limit) raised as an error, so that the limit is exact and a file over it is never decoded.
+
+    Both are process-wide: not for use from several threads at once
+    (DataLoader workers are processes, each with its own).
+    """
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def too_many_pixels(found: Exception | int, max_pixels: int) -> str:
+    """Why an image is refused, in our terms: its size (a pixel count, or PIL's decompression-bomb
+    error, which holds one) and the setting that would allow it."""
+    if isinstance(found, Exception):
+        match = re.search(r"\((\d+) pixels\)", str(found))
+        found = int(match.group(1)) if match else None
+    size = f"{found:,} pixels" if found else "too many pixels"
+    return f"{size}, over data.max_pixels ({max_pixels:,}): a decompression bomb, or far larger than training needs"
+
+
+def _open(source, name: str, max_pixels: int) -> Image.Image:
     try:
         return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     except FileNotFoundError:
         raise FinetuneError(f"image {name} does not exist") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except _BOMB_ERRORS as e:
+        raise FinetuneError(f"image {name}: {too_many_pixels(e, max_pixels)}") from None
+    except (OSError, ValueError) as e:
         raise FinetuneError(f"cannot read image {name}: {e}") from None
 
 
-def load_image(path, name: str | None = None) -> Image.Image:
+def load_image(path, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode `path` (a file path or the encoded bytes of an image) to RGB; errors name the file."""
     name = name or str(path)
-    with _open(path, name) as img:
+    with pixel_limit(max_pixels), _open(path, name, max_pixels) as img:
         try:
             img.load()  # decode now, so a truncated file fails here with its name, not later in a worker
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except _BOMB_ERRORS as e:
+            raise FinetuneError(f"image {name}: {too_many_pixels(e, max_pixels)}") from None
+        except (OSError, ValueError, SyntaxError) as e:
             raise FinetuneError(f"cannot read image {name}: {e}") from None
         return to_rgb(img, name)
 
 
-def image_size(path, name: str | None = None) -> tuple[int, int]:
+def image_size(path, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) as `load_image` will return it, from the header only (no pixel decoding)."""
     name = name or str(path)
-    with _open(path, name) as img:
+    with pixel_limit(max_pixels), _open(path, name, max_pixels) as img:
         return oriented_size(img, name)
 
 

@@ -1,5 +1,9 @@
 """Finding the examples of an image set: (image, caption) pairs from a folder, a metadata file or
 a `datasets` dataset. Nothing is decoded here; `Example.load` reads pixels when they are needed.
+
+A problem with one example (a missing or broken file, an unreadable caption) is recorded, not
+raised: `discover_examples` hands the set to `check.check_examples`, which leaves unusable
+examples out and reports them all at once. Only problems with the set itself raise here.
 """
 
 from __future__ import annotations
@@ -9,19 +13,21 @@ import io
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Callable
 
 from PIL import Image
 
 from ..errors import FinetuneError
-from .images import IMAGE_EXTENSIONS, image_size, load_image, oriented_size, to_rgb
+from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, image_size, load_image, oriented_size, to_rgb
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # Files `save_to_disk` writes: a folder holding one of them is a saved dataset, not an image folder.
 _SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# How many files per problem the training log names; `finetune dataset check` names them all.
+_LOGGED_PER_CATEGORY = 5
 
 
 @dataclass
@@ -33,12 +39,15 @@ class Example:
     path: Path | None = None
     image: Image.Image | None = field(default=None, repr=False)
     data: bytes | None = field(default=None, repr=False)  # encoded file from a dataset row
+    caption_file: Path | None = None  # where a folder set looks for this image's caption, found or not
+    caption_issue: tuple[str, str] | None = None  # (check category, detail) from reading the caption
+    max_pixels: int = DEFAULT_MAX_PIXELS  # data.max_pixels: larger images are refused, not decoded
 
     def load(self) -> Image.Image:
         if self.path is not None:
-            return load_image(self.path)
+            return load_image(self.path, max_pixels=self.max_pixels)
         if self.data is not None:
-            return load_image(self.data, name=self.key)
+            return load_image(self.data, name=self.key, max_pixels=self.max_pixels)
         if self.image is not None:
             return to_rgb(self.image, self.key)
         raise FinetuneError(f"example {self.key} has no image")
@@ -46,17 +55,31 @@ class Example:
     def size(self) -> tuple[int, int]:
         """(width, height) after EXIF rotation, without decoding the pixels where possible."""
         if self.path is not None:
-            return image_size(self.path)
+            return image_size(self.path, max_pixels=self.max_pixels)
         if self.data is not None:
-            return image_size(self.data, name=self.key)
+            return image_size(self.data, name=self.key, max_pixels=self.max_pixels)
         if self.image is not None:
             return oriented_size(self.image, self.key)
         raise FinetuneError(f"example {self.key} has no image")
 
 
-def discover_examples(cfg, base_dir: Path | None = None) -> list[Example]:
-    """All examples `cfg` (a DataConfig) names; raises FinetuneError when there are none."""
-    path = _resolve(cfg.path, base_dir)
+def discover_examples(cfg, base_dir: Path | None = None, log: Callable[[str], None] = print) -> list[Example]:
+    """The usable examples `cfg` (a DataConfig) names. Every example is checked first
+    (`finetune dataset check`): what cannot train is left out, and each finding is logged.
+    Raises FinetuneError when the set is empty or nothing in it is usable."""
+    from .check import check_examples  # imported here: check builds on this module
+
+    report = check_examples(find_examples(cfg, base_dir), cfg, where=resolve_data_path(cfg.path, base_dir))
+    if report.findings or report.notes:
+        for line in report.summary(limit=_LOGGED_PER_CATEGORY):
+            log(line)
+    report.raise_if_unusable()
+    return report.usable
+
+
+def find_examples(cfg, base_dir: Path | None = None) -> list[Example]:
+    """Every example `cfg` (a DataConfig) names, unchecked; raises FinetuneError when there are none."""
+    path = resolve_data_path(cfg.path, base_dir)
     source = cfg.source if cfg.source != "auto" else _detect(path, cfg.path)
     if source == "datasets":
         examples = _from_datasets(cfg, path)
@@ -69,12 +92,17 @@ def discover_examples(cfg, base_dir: Path | None = None) -> list[Example]:
     if not examples:
         looked = f" (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})" if source == "folder" else ""
         raise FinetuneError(f"data.path: no images found in {path}{looked}")
-    _check_unique(examples)
-    uncaptioned = sum(1 for e in examples if not e.caption)
-    if uncaptioned:
-        warnings.warn(f"{uncaptioned} of {len(examples)} images have no caption and data.instance_prompt "
-                      f"is not set; they train with an empty caption", stacklevel=2)
+    for e in examples:
+        e.max_pixels = cfg.max_pixels
     return examples
+
+
+def looks_like_hub_dataset(raw: str) -> bool:
+    return bool(_HUB_NAME.match(raw)) and not raw.startswith(".")
+
+
+def resolve_data_path(raw: str, base_dir: Path | None) -> Path:
+    return _resolve(raw, base_dir)
 
 
 def _resolve(raw: str, base_dir: Path | None) -> Path:
@@ -99,12 +127,19 @@ def _detect(path: Path, raw: str) -> str:
             return "datasets"
         return "folder"
     # Not on disk: a bare `name` or `owner/name` may be a dataset on the hub.
-    return "datasets" if _HUB_NAME.match(raw) and not raw.startswith(".") else "folder"
+    return "datasets" if looks_like_hub_dataset(raw) else "folder"
 
 
 def _caption(text, cfg) -> str:
     text = text.strip() if isinstance(text, str) else ""
     return text or (cfg.instance_prompt or "")
+
+
+def _row_caption(value, cfg, where: str) -> tuple[str, tuple[str, str] | None]:
+    """A metadata or dataset row's caption, and the check finding when it is empty."""
+    if isinstance(value, str) and value.strip():
+        return _caption(value, cfg), None
+    return _caption(None, cfg), ("empty_caption", f"empty {cfg.caption_column} {where}")
 
 
 def _from_folder(cfg, folder: Path) -> list[Example]:
@@ -114,9 +149,23 @@ def _from_folder(cfg, folder: Path) -> list[Example]:
     examples = []
     for path in sorted(_image_files(folder)):
         caption_file = path.with_suffix(ext)
-        text = _read_text(caption_file) if caption_file.is_file() else None
-        examples.append(Example(key=path.relative_to(folder).as_posix(), caption=_caption(text, cfg), path=path))
+        text, issue = _read_caption(caption_file)
+        examples.append(Example(key=path.relative_to(folder).as_posix(), caption=_caption(text, cfg), path=path,
+                                caption_file=caption_file, caption_issue=issue))
     return examples
+
+
+def _read_caption(path: Path) -> tuple[str | None, tuple[str, str] | None]:
+    """A caption file's text, and what is wrong with it as a check (category, detail), if anything."""
+    if not path.is_file():
+        return None, ("missing_caption", f"no {path.name}")
+    try:
+        text = _read_text(path).strip()
+    except UnicodeDecodeError as e:
+        return None, ("caption_unreadable", f"{path.name} is not UTF-8 ({_bad_byte(e)}); save it as UTF-8")
+    except OSError as e:
+        return None, ("caption_unreadable", f"cannot read {path.name}: {e.strerror or e}")
+    return text, (None if text else ("empty_caption", f"{path.name} is empty"))
 
 
 def _image_files(folder: Path):
@@ -129,10 +178,11 @@ def _image_files(folder: Path):
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")  # -sig: Notepad's byte-order mark is not caption text
-    except UnicodeDecodeError as e:
-        raise FinetuneError(f"caption file {path} is not UTF-8 text: {e}") from None
+    return path.read_text(encoding="utf-8-sig")  # -sig: Notepad's byte-order mark is not caption text
+
+
+def _bad_byte(e: UnicodeDecodeError) -> str:
+    return f"byte 0x{e.object[e.start]:02x} at offset {e.start}"
 
 
 def _from_metadata(cfg, path: Path) -> list[Example]:
@@ -155,16 +205,18 @@ def _from_metadata(cfg, path: Path) -> list[Example]:
         # Checked in Windows syntax too: metadata written there may say ..\x.png or C:\x.png.
         if not name or any(p.anchor or ".." in p.parts for p in (PurePosixPath(name), PureWindowsPath(name))):
             raise FinetuneError(f"{path}: file_name {name!r} must be a path inside {folder}")
-        image = folder / name
-        if not image.is_file():
-            raise FinetuneError(f"{path}: file_name {name!r} does not exist ({image})")
-        caption = _caption(row.get(cfg.caption_column), cfg)
-        examples.append(Example(key=PurePosixPath(name).as_posix(), caption=caption, path=image))
+        # A listed file that is missing is reported by the check, like any other unusable image.
+        caption, issue = _row_caption(row.get(cfg.caption_column), cfg, f"in {path.name}")
+        examples.append(Example(key=PurePosixPath(name).as_posix(), caption=caption, path=folder / name,
+                                caption_issue=issue))
     return sorted(examples, key=lambda e: e.key)
 
 
 def _read_metadata(path: Path) -> list[dict]:
-    text = _read_text(path)
+    try:
+        text = _read_text(path)
+    except UnicodeDecodeError as e:
+        raise FinetuneError(f"{path} is not UTF-8 text ({_bad_byte(e)}); save it as UTF-8") from None
     if path.suffix.lower() == ".csv":
         return list(csv.DictReader(io.StringIO(text, newline="")))
     rows = []
@@ -209,13 +261,15 @@ def _from_datasets(cfg, path: Path) -> list[Example]:
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     examples = []
     for i, row in enumerate(ds.select_columns([cfg.image_column, cfg.caption_column])):
-        example = Example(key=f"{cfg.split}[{i}]", caption=_caption(row[cfg.caption_column], cfg))
+        caption, issue = _row_caption(row[cfg.caption_column], cfg, "column")
+        example = Example(key=f"{cfg.split}[{i}]", caption=caption, caption_issue=issue)
         _attach_image(example, row[cfg.image_column], path)
         examples.append(example)
     return examples
 
 
 def _attach_image(example: Example, value, base: Path) -> None:
+    # A row with no usable image keeps none; the check reports it.
     if isinstance(value, Image.Image):
         example.image = value
     elif isinstance(value, dict) and value.get("bytes"):
@@ -225,13 +279,3 @@ def _attach_image(example: Example, value, base: Path) -> None:
     elif isinstance(value, str) and value:
         p = Path(value)
         example.path = p if p.is_absolute() or not base.is_dir() else base / p
-    else:
-        raise FinetuneError(f"data: row {example.key} has no usable image ({type(value).__name__})")
-
-
-def _check_unique(examples: list[Example]) -> None:
-    seen: set[str] = set()
-    for e in examples:
-        if e.key in seen:
-            raise FinetuneError(f"data: two examples share the key {e.key!r}")
-        seen.add(e.key)

@@ -40,26 +40,50 @@ class ModelSource:
         return None
 
 
+def base_problem(base: str, allow_pickle: bool = False, offline_cache: bool = True) -> str | None:
+    """What is wrong with `model.base`, found without loading (or building) anything; None if nothing.
+    `offline_cache`: with HF_HUB_OFFLINE set, a hub id must be in the local cache (checked when
+    training; `finetune validate` may be checking a recipe meant for another machine)."""
+    from ..testing import BUILTIN_MODELS, BUILTIN_PREFIX
+
+    if base.startswith(BUILTIN_PREFIX):
+        name = base[len(BUILTIN_PREFIX):]
+        return None if name in BUILTIN_MODELS else \
+            f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}"
+    p = Path(base).expanduser()
+    if p.is_dir():
+        return None if (p / "model_index.json").is_file() else \
+            f"{base} is a folder but not a diffusers model (no model_index.json)"
+    if p.suffix in (".safetensors", *PICKLE_SUFFIXES):
+        if not p.is_file():
+            return f"file {base} does not exist"
+        if p.suffix != ".safetensors" and not allow_pickle:
+            return (f"{base} is a pickled checkpoint, which can run code when loaded; convert it to "
+                    f".safetensors, or set model.allow_pickle=true if you trust its source")
+        return None
+    if base.startswith((".", "/", "~")) or base.count("/") != 1:
+        return f"{base} is neither an existing folder/file nor a hub id (owner/name)"
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if offline_cache and constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(base, "model_index.json"), str):
+        return (f"{base} is not in the local hub cache and HF_HUB_OFFLINE is set, so it cannot be downloaded; "
+                "use a local folder or .safetensors file, or go online once")
+    return None
+
+
 def resolve_source(base: str, allow_pickle: bool = False) -> ModelSource:
     from ..testing import BUILTIN_PREFIX, resolve_builtin
 
+    problem = base_problem(base, allow_pickle)
+    if problem:
+        raise FinetuneError(f"model.base: {problem}")
     if base.startswith(BUILTIN_PREFIX):
         return ModelSource("folder", str(resolve_builtin(base[len(BUILTIN_PREFIX):])), base)
     p = Path(base).expanduser()
     if p.is_dir():
-        if not (p / "model_index.json").is_file():
-            raise FinetuneError(f"model.base: {base} is a folder but not a diffusers model (no model_index.json)")
         return ModelSource("folder", str(p), base)
     if p.suffix in (".safetensors", *PICKLE_SUFFIXES):
-        if not p.is_file():
-            raise FinetuneError(f"model.base: file {base} does not exist")
-        if p.suffix != ".safetensors" and not allow_pickle:
-            raise FinetuneError(
-                f"model.base: {base} is a pickled checkpoint, which can run code when loaded; convert it to "
-                f".safetensors, or set model.allow_pickle=true if you trust its source")
         return ModelSource("single_file", str(p), base)
-    if base.startswith((".", "/", "~")) or base.count("/") != 1:
-        raise FinetuneError(f"model.base: {base} is neither an existing folder/file nor a hub id (owner/name)")
     return ModelSource("hub", base, base)
 
 

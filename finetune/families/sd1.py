@@ -33,11 +33,15 @@ class SD1Family(Family):
             if source.kind == "single_file":
                 pipe = self.pipeline_class.from_single_file(source.location, config=cfg.config, **kwargs)
             else:
+                # Safetensors only, unless the user allows pickled .bin weights (then weights_only loading).
                 pipe = self.pipeline_class.from_pretrained(
-                    source.location, revision=cfg.revision, variant=cfg.variant, **kwargs)
+                    source.location, revision=cfg.revision, variant=cfg.variant,
+                    use_safetensors=None if cfg.allow_pickle else True, **kwargs)
         except (OSError, ValueError, EnvironmentError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FinetuneError(f"model.base: cannot load {source.label}: {first}") from e
+            hint = ("; if it only has pickled .bin weights, convert them to .safetensors or set "
+                    "model.allow_pickle=true if you trust its source") if not cfg.allow_pickle else ""
+            raise FinetuneError(f"model.base: cannot load {source.label}: {first}{hint}") from e
         sched_config = dict(pipe.scheduler.config)
         if cfg.prediction_type:
             sched_config["prediction_type"] = cfg.prediction_type

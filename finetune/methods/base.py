@@ -6,6 +6,7 @@
 - `trains_text_encoder`: whether prompts must be encoded with gradients (no caching then);
 - `prepare_caption(caption)`: rewrite a training caption (e.g. expand a multi-vector token);
 - `after_step(c)`: called after every optimizer step (e.g. restore rows that must not change);
+- `state_dict()` / `load_state_dict(state, c)`: the method's own counters, JSON-able, for resume;
 - `save(c, folder, output, name)`: write the method's artifacts, returning the files written;
 - `describe_file(path)` and `usage(...)`: what the model card says about those files.
 """
@@ -43,6 +44,12 @@ class Method:
         return caption
 
     def after_step(self, c) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, c) -> None:
         pass
 
     def save(self, c, folder: Path, output, name: str) -> list[Path]:

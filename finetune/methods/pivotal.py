@@ -64,9 +64,19 @@ class PivotalMethod(Method):
     def after_step(self, c) -> None:
         self.ti.after_step(c)
         self.steps += 1
-        if self.cfg.freeze_embeddings_after and self.steps == self.cfg.freeze_embeddings_after:
+        self._freeze_if_due(c)
+
+    def _freeze_if_due(self, c) -> None:
+        if self.cfg.freeze_embeddings_after and self.steps >= self.cfg.freeze_embeddings_after:
             # With no gradient the optimizer skips the embedding from now on (AdamW skips grad=None).
             c.text_encoders[self.ti.te_name].get_input_embeddings().weight.requires_grad_(False)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict, c) -> None:
+        self.steps = int(state.get("steps", 0))
+        self._freeze_if_due(c)
 
     def save(self, c, folder: Path, output, name: str) -> list[Path]:
         return self.lora.save(c, folder, output, name) + self.ti.save(c, folder, output, f"{name}-emb")

@@ -111,6 +111,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(node.get(k), dict):
                 node[k] = {}
             node = node[k]
+        if keys[-1] == "type" and isinstance(node.get("type"), str) and node["type"] != value:
+            # As with `extends:`: another type's keys would not be valid in it (method.type=dreambooth).
+            node.clear()
         node[keys[-1]] = value
     return data
 
@@ -186,11 +189,34 @@ def validate(data: dict, source: str) -> Recipe:
         raise RecipeError(format_errors(err, source, data)) from None
 
 
+def reference_problems(recipe: Recipe, base_dir: Path | None) -> list[str]:
+    """`key.path: message` for what the recipe points at that is not there (nothing is loaded)."""
+    from ..data.sources import looks_like_hub_dataset, resolve_data_path
+    from ..families.base import base_problem
+
+    problems = []
+    base = base_problem(recipe.model.base, recipe.model.allow_pickle, offline_cache=False)
+    if base:
+        problems.append(f"model.base: {base}")
+    raw = recipe.data.path
+    # A hub dataset name is checked when the data is read (still before any model loads): offline,
+    # `datasets` may have it cached.
+    if not resolve_data_path(raw, base_dir).exists() and not looks_like_hub_dataset(raw):
+        where = f" (nor in {base_dir})" if base_dir else ""
+        problems.append(f"data.path: {raw} does not exist here{where}")
+    return problems
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
-    """Load, inherit, override and validate a recipe. Returns the recipe and its file's path."""
+    """Load, inherit, override and validate a recipe, and check what it points at exists, before
+    any model loads. Returns the recipe and its file's path."""
     file = find_recipe(path)
     data = apply_overrides(load_raw(file), overrides or [])
-    return validate(data, str(file)), file
+    recipe = validate(data, str(file))
+    problems = reference_problems(recipe, file.parent)
+    if problems:
+        raise RecipeError([f"{file}: {p}" for p in problems])
+    return recipe, file
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -53,6 +53,9 @@ class DataConfig(Section):
     caption_extension: str = ".txt"
     instance_prompt: str | None = Field(None, description="Caption for images that have none (e.g. 'a photo of sks dog').")
     resolution: int = Field(512, gt=0, description="Training side length in pixels (area for buckets).")
+    # = finetune.data.images.DEFAULT_MAX_PIXELS, not imported: finetune.data pulls in torch.
+    max_pixels: int = Field(128_000_000, gt=0, description=(
+        "Images with more pixels are skipped, never decoded (decompression bombs); 128 MP admits 108 MP phone photos."))
     crop: Literal["center", "random"] = "center"
     random_flip: bool = False
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
@@ -110,6 +113,10 @@ class TrainingConfig(Section):
     noise_offset: float = Field(0.0, ge=0.0, description="0.05-0.1 helps very dark/bright images.")
     max_grad_norm: float | None = Field(1.0, gt=0)
     log_every_n_steps: int = Field(1, ge=1)
+    on_nan: Literal["stop", "skip"] = Field("stop", description=(
+        "A NaN/inf loss: stop the run (naming the step and the batch's files), or skip that batch and go on; "
+        "more than max_skipped_in_a_row skipped in a row stops the run anyway."))
+    max_skipped_in_a_row: int = Field(10, ge=1)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FinetuneError
-from .batches import BatchSource
+from . import checkpoint as ckpt
+from .batches import BatchSource, fork_rng
 from .optim import build_optimizer
-from .run_dir import MetricsLog, create_run_dir, plan_run_dir
+from .run_dir import MetricsLog, create_run_dir, find_resume, plan_run_dir
+from .signals import GracefulStop
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -31,6 +32,8 @@ class RunResult:
     losses: list[float]
     steps: int
     samples: list[Path] = field(default_factory=list)
+    interrupted: str | None = None  # the signal's name when a run stopped early with a checkpoint
+    checkpoint: Path | None = None
     # In-memory objects for callers that go on using them (tests, notebooks).
     components: object = None
     optimizer: object = None
@@ -82,7 +85,8 @@ def decide_caching(recipe, dataset, method) -> tuple[bool, bool]:
 
 
 def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = print,
-          progress: bool = True) -> RunResult:
+          progress: bool = True, resume: str | None = None) -> RunResult:
+    """Train as `recipe` says. `resume`: "latest" or a run folder / checkpoint to continue exactly."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
@@ -96,11 +100,15 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     tr = recipe.training
     family, source = resolve_family(recipe.model)
     base_dir = recipe_path.parent if recipe_path else None
-    examples = discover_examples(recipe.data, base_dir)
+    examples = discover_examples(recipe.data, base_dir, log=log)
     dataset = ImageCaptionDataset(examples, recipe.data, seed=tr.seed)
     log(f"data: {len(examples)} images x {recipe.data.repeats} repeats from {recipe.data.path}")
 
-    run_dir, run_name = plan_run_dir(recipe, recipe_path)
+    resume_from = None
+    if resume:
+        run_dir, run_name, resume_from = find_resume(recipe, recipe_path, resume, log)
+    else:
+        run_dir, run_name = plan_run_dir(recipe, recipe_path)
     from ..hooks import build_pipeline
 
     # Before the model loads: a configured filter that cannot load stops the run now (fail closed).
@@ -124,7 +132,9 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     pp = recipe.prior_preservation
     if pp.enabled:
         # Made by the untouched base model, before any adapter is attached.
-        with accelerator.autocast():
+        # Apart from the training RNG: a run that generates its class images and one that finds
+        # them (a second run, a resume) then train alike.
+        with accelerator.autocast(), fork_rng():
             class_files = ensure_class_images(c.pipeline, pp, recipe.data.resolution, log, progress,
                                               screen=output_hooks.screening())
         if not class_files:
@@ -138,11 +148,12 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     apply_memory_options(c, method, tr)
     n_trainable = method.trainable_parameter_count(groups)
     log(f"method {recipe.method.type}: {n_trainable:,} trainable parameters")
-    create_run_dir(run_dir, recipe)
+    if resume_from is None:
+        create_run_dir(run_dir, recipe)
     log(f"run folder: {run_dir}")
     with _discard_if_failed(run_dir):
         return _train_loop(recipe, log, progress, accelerator, family, source, c, method, groups, dataset,
-                           examples, class_files, run_dir, run_name, weight_dtype, output_hooks)
+                           examples, class_files, run_dir, run_name, weight_dtype, output_hooks, resume_from)
 
 
 @contextlib.contextmanager
@@ -156,8 +167,25 @@ def _discard_if_failed(run_dir: Path):
         raise
 
 
+def _non_finite(loss, step: int, keys: list[str], recipe, in_a_row: int, log) -> None:
+    """Stop on a NaN/inf loss, or (training.on_nan: skip) log it and go on, within a limit."""
+    tr = recipe.training
+    if tr.mixed_precision == "fp16":
+        cause = "fp16 overflow is the usual cause: use bf16, or lower training.learning_rate"
+    else:
+        cause = (f"training.learning_rate {tr.learning_rate:g} is likely too high (or an image is broken: "
+                 "finetune dataset check)")
+    what = f"loss became {loss.item()} at step {step} on {', '.join(keys)}"
+    if tr.on_nan == "stop":
+        raise FinetuneError(f"{what}; {cause}. training.on_nan: skip skips such batches instead")
+    if in_a_row > tr.max_skipped_in_a_row:
+        raise FinetuneError(f"{what}; {in_a_row} batches in a row were skipped (training.max_skipped_in_a_row: "
+                            f"{tr.max_skipped_in_a_row}); {cause}")
+    log(f"warning: {what}; batch skipped (training.on_nan: skip). {cause}")
+
+
 def _train_loop(recipe, log, progress, accelerator, family, source, c, method, groups, dataset, examples,
-                class_files, run_dir, run_name, weight_dtype, output_hooks) -> RunResult:
+                class_files, run_dir, run_name, weight_dtype, output_hooks, resume_from) -> RunResult:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -197,6 +225,7 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
     c.text_encoders = {n: wrapped.get(id(te), te) for n, te in c.text_encoders.items()}
     trainable, optimizer, lr_scheduler = list(prepared[:-2]), prepared[-2], prepared[-1]
     params = [p for g in groups for p in g["params"]]
+    ckpt.register_param_hooks(accelerator, groups)
 
     text_cache: dict[str, dict[str, torch.Tensor]] = {}
     truncated = family.count_truncated(c, [e.caption or "" for e in examples])
@@ -244,80 +273,103 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
             for m in trainable:
                 m.train()
 
-    def save_checkpoint(step: int) -> None:
-        # Written whole into a temporary folder, then renamed: a crash never leaves half a checkpoint.
-        final = run_dir / "checkpoints" / f"step-{step:06d}"
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
-        try:
-            method.save(c, tmp, recipe.output, run_name)
-            tmp.rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        keep = recipe.output.keep_last_checkpoints
-        if keep:
-            # Only now that the new one is complete do older ones go.
-            done = sorted(p for p in final.parent.glob("step-*") if p.is_dir())
-            for old in done[:-keep]:
-                shutil.rmtree(old)
+    def save_checkpoint(state: ckpt.TrainerState) -> Path:
+        def write(folder: Path) -> None:
+            method.save(c, folder, recipe.output, run_name)  # usable on their own, like the final files
+            accelerator.save_state(str(folder / ckpt.STATE))
+
+        folder = run_dir / "checkpoints"
+        return ckpt.save(folder, state.step, write, state, ckpt.estimate_size(folder, groups),
+                         recipe.output.keep_last_checkpoints)
+
+    state = ckpt.TrainerState()
+    if resume_from is not None:
+        # After caching, which draws from the RNG exactly as the first run did; now the RNG, optimizer,
+        # scheduler and trained weights become those of the checkpoint.
+        accelerator.load_state(str(resume_from / ckpt.STATE))
+        state = ckpt.read_trainer_state(resume_from)
+        method.load_state_dict(state.method, c)
+        ckpt.discard_after(run_dir, resume_from, state.step)
+        log(f"resuming from {resume_from} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
 
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     log(f"training {max_steps} steps ({n_epochs} epochs of {steps_per_epoch}), batch {tr.batch_size} "
         f"x {tr.gradient_accumulation_steps} accumulation, on {device}")
-    bar = tqdm(total=max_steps, desc="train", disable=not progress or not accelerator.is_main_process)
+    bar = tqdm(total=max_steps, initial=state.step, desc="train", disable=not progress or not accelerator.is_main_process)
     for m in trainable:
         m.train()
-    losses, samples, step, window, prior_window = [], [], 0, [], []
-    class_batches = classes.forever() if classes is not None else None
+    losses, samples, step, window, prior_window = state.losses, [], state.step, [], []
+    class_batches = classes.forever(skip=state.class_batches) if classes is not None else None
     start = last = time.perf_counter()
-    images_seen = 0
-    for epoch in range(n_epochs):
-        for batch in instances.epoch(epoch):
-            with accelerator.accumulate(*trainable):
-                loss = batch_loss(instances, batch)
-                if classes is not None:
-                    class_batch = next(class_batches)
-                    prior_loss = batch_loss(classes, class_batch)
-                    prior_window.append(prior_loss.detach().item())
-                    loss = loss + recipe.prior_preservation.prior_loss_weight * prior_loss
-                if not torch.isfinite(loss):
-                    raise FinetuneError(f"loss became {loss.item()} at step {step + 1} on {', '.join(batch['keys'])}; "
-                                        "lower training.learning_rate, or use bf16 instead of fp16")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and tr.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, tr.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients:
-                    method.after_step(c)
-            window.append(loss.detach().item())
-            images_seen += len(batch["keys"])
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            step_loss = sum(window) / len(window)
-            window = []
-            losses.append(step_loss)
-            lr = lr_scheduler.get_last_lr()[0]
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            if step % tr.log_every_n_steps == 0 or step == max_steps:
-                now = time.perf_counter()
-                extra = {"prior_loss": sum(prior_window) / len(prior_window)} if prior_window else {}
-                metrics.write(step=step, epoch=epoch, loss=step_loss, lr=lr, **extra,
-                              images_per_second=images_seen / max(now - last, 1e-9), elapsed_s=round(now - start, 3))
-                last, images_seen, prior_window = now, 0, []
-            v_every = recipe.validation.every_n_steps
-            if v_every and step % v_every == 0 and step != max_steps:
-                samples += validate(step)
-            s_every = recipe.output.save_every_n_steps
-            if s_every and step % s_every == 0 and step != max_steps:
-                save_checkpoint(step)
+    images_seen, skipped_in_a_row, has_grads = 0, 0, False
+    stop = GracefulStop(log)
+    with stop:
+        for epoch in range(state.epoch, n_epochs):
+            first = state.batches_in_epoch if epoch == state.epoch else 0
+            for batch_index, batch in enumerate(instances.epoch(epoch, skip=first), start=first):
+                with accelerator.accumulate(*trainable):
+                    loss = batch_loss(instances, batch)
+                    if classes is not None:
+                        class_batch = next(class_batches)
+                        state.class_batches += 1
+                        prior_loss = batch_loss(classes, class_batch)
+                        prior_window.append(prior_loss.detach().item())
+                        loss = loss + recipe.prior_preservation.prior_loss_weight * prior_loss
+                    if torch.isfinite(loss):
+                        skipped_in_a_row = 0
+                        accelerator.backward(loss)
+                        has_grads = True
+                    else:
+                        skipped_in_a_row += 1
+                        state.skipped_steps += 1
+                        _non_finite(loss, step + 1, batch["keys"], recipe, skipped_in_a_row, log)
+                    if accelerator.sync_gradients and tr.max_grad_norm and has_grads:
+                        accelerator.clip_grad_norm_(params, tr.max_grad_norm)
+                    if has_grads:  # every batch of this step skipped: nothing to apply (nor to unscale)
+                        optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if accelerator.sync_gradients:
+                        method.after_step(c)
+                        has_grads = False
+                if torch.isfinite(loss):
+                    window.append(loss.detach().item())
+                images_seen += len(batch["keys"])
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                step_loss = sum(window) / len(window) if window else float("nan")
+                window = []
+                losses.append(step_loss)
+                lr = lr_scheduler.get_last_lr()[0]
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+                if step % tr.log_every_n_steps == 0 or step == max_steps:
+                    now = time.perf_counter()
+                    extra = {"prior_loss": sum(prior_window) / len(prior_window)} if prior_window else {}
+                    if state.skipped_steps:
+                        extra["skipped_batches"] = state.skipped_steps
+                    metrics.write(step=step, epoch=epoch, loss=step_loss, lr=lr, **extra,
+                                  images_per_second=images_seen / max(now - last, 1e-9), elapsed_s=round(now - start, 3))
+                    last, images_seen, prior_window = now, 0, []
+                v_every = recipe.validation.every_n_steps
+                if v_every and step % v_every == 0 and step != max_steps:
+                    samples += validate(step)
+                state.step, state.epoch, state.batches_in_epoch = step, epoch, batch_index + 1
+                state.method = method.state_dict()
+                s_every = recipe.output.save_every_n_steps
+                if (s_every and step % s_every == 0 or stop.requested) and step != max_steps:
+                    saved = save_checkpoint(state)
+                    if stop.requested:
+                        bar.close()
+                        metrics.close()
+                        log(f"{stop.name}: stopped at step {step} of {max_steps}; checkpoint {saved}")
+                        return RunResult(run_dir=run_dir, files=[], losses=losses, steps=step, samples=samples,
+                                         interrupted=stop.name, checkpoint=saved, components=c, optimizer=optimizer)
+                if step >= max_steps:
+                    break
             if step >= max_steps:
                 break
-        if step >= max_steps:
-            break
     bar.close()
     metrics.close()
 

@@ -1,0 +1,236 @@
+"""Checkpoints that a killed run can trust, and resuming from them exactly.
+
+A checkpoint folder `checkpoints/step-NNNNNN/` holds the method's files at that step (usable on
+their own, like the final ones) and `state/`, what accelerate saves to continue the run: the
+trained parameters (ours, as safetensors: the frozen base is never copied), optimizer (8-bit
+states included), LR scheduler, gradient scaler and RNG states. `trainer.json` holds the loop's
+own counters and position in the data order; `checkpoint.json`, written last, lists every file
+with its size and sha256.
+
+It is written into `checkpoints/.tmp-*`, verified, then renamed: a kill at any moment leaves either
+no new checkpoint or a complete one, never a damaged previous one. Only a folder whose
+`checkpoint.json` matches its files is resumed from.
+
+accelerate writes optimizer, scheduler and RNG state with `torch.save`; they are trainer state,
+not weights, and accelerate loads them with `torch.load(weights_only=True)`, which executes no
+code from the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import FinetuneError
+
+MANIFEST = "checkpoint.json"
+TRAINER = "trainer.json"
+STATE = "state"
+PARAMS = "trained_params_{}.safetensors"
+# Head-room left on the disk after a checkpoint, for logs, samples and the final files.
+DISK_MARGIN = 256 * 2**20
+
+
+@dataclass
+class TrainerState:
+    """The loop's own position: enough, with accelerate's state, to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # instance batches already taken from this epoch
+    class_batches: int = 0  # class batches taken so far (they cycle across epochs)
+    skipped_steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    method: dict = field(default_factory=dict)
+
+
+def register_param_hooks(accelerator, groups: list[dict]) -> None:
+    """Make accelerate's save_state/load_state keep only the trained parameters of each prepared
+    model (named as in the model), in safetensors, instead of whole models."""
+    from safetensors.torch import load_file, save_file
+
+    trained = {id(p) for g in groups for p in g["params"]}
+
+    def named(model):
+        model = accelerator.unwrap_model(model)
+        return {n: p for n, p in model.named_parameters() if id(p) in trained}
+
+    def save_hook(models, weights, output_dir):
+        for i, model in enumerate(models):
+            params = named(model)
+            if params:
+                save_file({n: p.detach().contiguous().cpu() for n, p in params.items()},
+                          os.path.join(output_dir, PARAMS.format(i)))
+        weights.clear()  # the frozen base is not part of a checkpoint
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(models):
+            params = named(model)
+            path = os.path.join(input_dir, PARAMS.format(i))
+            if not params:
+                continue
+            saved = load_file(path)
+            if set(saved) != set(params):
+                missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+                raise FinetuneError(f"--resume: {path} does not match this run's trained parameters "
+                                    f"(missing {missing[:3]}, unexpected {extra[:3]}); was the recipe changed?")
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n].to(p.device, p.dtype))
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _check_safetensors(path: Path) -> None:
+    """The header parses and the tensors it declares fit in the file (a truncated write fails)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            f.get_slice(key)
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    for p in _files(folder):
+        if p.suffix == ".safetensors":
+            _check_safetensors(p)
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
+    tmp = folder / f".{MANIFEST}"
+    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(folder / MANIFEST)
+
+
+def verify(folder: Path) -> str | None:
+    """Why this checkpoint cannot be trusted (None: it can)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the save did not finish)"
+    except (OSError, ValueError) as e:
+        return f"{MANIFEST} unreadable ({e})"
+    for rel, meta in manifest.get("files", {}).items():
+        p = folder / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != meta["size"]:
+            return f"{rel} has {p.stat().st_size} bytes, {meta['size']} were written"
+        if _sha256(p) != meta["sha256"]:
+            return f"{rel} changed since it was written (sha256 differs)"
+    if not (folder / TRAINER).is_file() or not (folder / STATE).is_dir():
+        return "it holds adapter files only, no training state"
+    return None
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed + DISK_MARGIN:
+        raise FinetuneError(
+            f"not enough disk space for a checkpoint in {folder}: it needs about {_gib(needed)} and "
+            f"{_gib(DISK_MARGIN)} head-room, {_gib(free)} is free. Free some space, or set output.keep_last_checkpoints "
+            "(or a larger output.save_every_n_steps); the previous checkpoint is intact")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def estimate_size(checkpoints: Path, groups: list[dict]) -> int:
+    """The last checkpoint's size, or before the first: the trained parameters in fp32 four times
+    over (weights, two optimizer moments, the method's files)."""
+    done = completed(checkpoints)
+    if done:
+        return folder_size(done[-1])
+    return 4 * 4 * sum(p.numel() for g in groups for p in g["params"])
+
+
+def completed(checkpoints: Path) -> list[Path]:
+    if not checkpoints.is_dir():
+        return []
+    return sorted(p for p in checkpoints.glob("step-*") if p.is_dir() and (p / MANIFEST).is_file())
+
+
+def save(checkpoints: Path, step: int, write: Callable[[Path], None], state: TrainerState, needed: int,
+         keep: int | None) -> Path:
+    """Write a checkpoint through `write(folder)` plus `state`; atomic, verified; prune to `keep`."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    check_free_space(checkpoints, needed)
+    final = checkpoints / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=checkpoints))
+    try:
+        write(tmp)
+        (tmp / TRAINER).write_text(json.dumps(asdict(state)), encoding="utf-8")
+        write_manifest(tmp, step)
+        if final.exists():  # an unverified leftover of a killed run at this step
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except OSError as e:
+        raise FinetuneError(f"could not write the checkpoint for step {step} in {checkpoints}: {e.strerror or e}; "
+                            "the previous checkpoint is intact") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if keep:
+        # Only now that the new one is complete do older ones go.
+        for old in completed(checkpoints)[:-keep]:
+            shutil.rmtree(old)
+    return final
+
+
+def latest_valid(run_dir: Path, log: Callable[[str], None]) -> Path | None:
+    for ckpt in reversed(completed(run_dir / "checkpoints")):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        log(f"warning: skipping checkpoint {ckpt}: {problem}")
+    return None
+
+
+def read_trainer_state(ckpt: Path) -> TrainerState:
+    return TrainerState(**json.loads((ckpt / TRAINER).read_text(encoding="utf-8")))
+
+
+def discard_after(run_dir: Path, ckpt: Path, step: int) -> None:
+    """What the interrupted run wrote after `ckpt`: unfinished saves, later samples and metrics."""
+    for p in (run_dir / "checkpoints").glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in (run_dir / "samples").glob("step-*"):
+        if p.is_dir() and int(p.name.split("-")[1]) > step:
+            shutil.rmtree(p)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        rows = [line for line in metrics.read_text(encoding="utf-8").splitlines() if _row_step(line) <= step]
+        metrics.write_text("".join(line + "\n" for line in rows), encoding="utf-8")
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62  # a torn last line from the kill: dropped
