@@ -205,23 +205,26 @@ def test_all_bad_set_is_one_line_error(tmp_path):
     assert "(first: a.png: 0 bytes)" in message
 
 
-def test_training_skips_bad_files_and_refuses_an_all_bad_set(tmp_path, tiny_sd15, capsys):
+def test_training_skips_bad_files_and_refuses_an_all_bad_set(messy, tmp_path, tiny_sd15):
+    """A set with one example of every bad case trains on what can train and names every bad file."""
     from finetune.train import train
 
-    folder = make_image_folder(tmp_path / "data", n=4)
-    (folder / "broken.png").write_bytes(b"")
-    (folder / "readme.png").write_text("not a picture")
     logged = []
-    recipe = validate(tiny_recipe(tiny_sd15, folder, tmp_path / "out", training__max_steps=2), "test")
+    recipe = validate(tiny_recipe(tiny_sd15, messy, tmp_path / "out", training__max_steps=2), "test")
     result = train(recipe, log=logged.append, progress=False)
     assert result.steps == 2
-    assert any(line.startswith("data: 4 images") for line in logged)
-    # Until the loop passes its log through, the check's summary goes to stdout.
-    said = "\n".join(logged) + capsys.readouterr().out
-    assert "4 usable, 2 skipped" in said and "  readme.png: a text file" in said
+    said = "\n".join(logged)
+    assert f"data: {len(TRAINS)} images" in said
+    n_skipped = sum(len(v) for v in SKIPPED.values())
+    assert f"{len(TRAINS)} usable, {n_skipped} skipped" in said
+    for names in (*SKIPPED.values(), *(v for k, v in WARNED.items() if k != "long_caption")):
+        for name in names:
+            assert f"  {name}: " in said, name  # long captions are measured once the tokenizer is loaded
 
-    for good in folder.glob("img*.png"):
-        good.unlink()
+    folder = make_image_folder(tmp_path / "data", n=1)
+    (folder / "img0.png").write_bytes(b"")
+    (folder / "readme.png").write_text("not a picture")
+    recipe = validate(tiny_recipe(tiny_sd15, folder, tmp_path / "out2"), "test")
     refused = r"^data.path: no usable image in .*data: 1 zero-byte file, 1 file that is not an image"
     with pytest.raises(FinetuneError, match=refused) as e:
         train(recipe, log=lambda _: None, progress=False)
