@@ -111,7 +111,11 @@ def build_tiny_sd15(folder: str | os.PathLike, seed: int = 0, prediction_type: s
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    # Build beside the target and rename, so an interrupted build never leaves a half model.
+    return save_pipeline_atomically(pipe, folder)
+
+
+def save_pipeline_atomically(pipe, folder: Path) -> Path:
+    """save_pretrained beside the target, then rename: an interrupted build never leaves half a model."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
@@ -129,7 +133,18 @@ def build_sd15_full_random(folder: str | os.PathLike, seed: int = 0):
     return build_tiny_sd15(folder, seed=seed, size="full")
 
 
-BUILTIN_MODELS = {TINY_SD15: build_tiny_sd15, "sd15-full-random": build_sd15_full_random}
+def _builder(module: str, name: str):
+    """A builder imported when first used (each family's tiny model lives in its own module)."""
+    def build(folder: str | os.PathLike, seed: int = 0):
+        import importlib
+
+        return getattr(importlib.import_module(module, __package__), name)(folder, seed=seed)
+    return build
+
+
+BUILTIN_MODELS = {TINY_SD15: build_tiny_sd15, "sd15-full-random": build_sd15_full_random,
+                  "tiny-sdxl": _builder(".tiny_sdxl", "build_tiny_sdxl"),
+                  "tiny-flux": _builder(".tiny_flux", "build_tiny_flux")}
 
 
 def resolve_builtin(name: str) -> Path:

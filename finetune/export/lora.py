@@ -325,6 +325,7 @@ def save_diffusers_lora(
     text_encoder_configs: Mapping[str, Any] | None,
     dtype: torch.dtype | None = torch.float16,
     weight_name: str = DIFFUSERS_WEIGHT_NAME,
+    denoiser_component: str = "unet",
 ) -> Path:
     """Write the diffusers LoRA file with `pipeline_cls.save_lora_weights`, each peft `LoraConfig`
     stored as adapter metadata so that `pipe.load_lora_weights(folder)` restores lora_alpha (and
@@ -352,7 +353,7 @@ def save_diffusers_lora(
         kwargs[layers_arg] = _to_save_dtype(state, dtype)
         kwargs[meta_arg] = _adapter_metadata(config)
 
-    add("unet", unet_state, unet_config)
+    add(denoiser_component, unet_state, unet_config)
     for name, state in text_encoder_states.items():
         add(name, state, text_encoder_configs.get(name))
     if not kwargs:

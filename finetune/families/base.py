@@ -111,6 +111,8 @@ class Family:
     kohya_text_encoder_prefixes: ClassVar[dict[str, str]]
     kohya_base_model_version: ClassVar[str]
     default_resolution: ClassVar[int] = 512
+    # The denoiser's name in the diffusers pipeline and its LoRA files ("unet", "transformer").
+    denoiser_component: ClassVar[str] = "unet"
 
     @classmethod
     def matches(cls, model_index: dict) -> bool:
@@ -136,6 +138,14 @@ class Family:
 
     def count_truncated(self, c: Components, captions: list[str]) -> int:
         return 0
+
+    def kohya_lora(self, denoiser_state, text_encoder_states, denoiser_alpha: float,
+                   text_encoder_alphas: dict[str, float]) -> dict[str, torch.Tensor]:
+        """peft LoRA state dicts -> the key layout webui/ComfyUI load for this family (kohya's)."""
+        from ..export.lora import peft_to_kohya
+
+        return peft_to_kohya(denoiser_state, text_encoder_states, denoiser_alpha, text_encoder_alphas,
+                             self.kohya_text_encoder_prefixes)
 
     def save_single_file(self, c: Components, path: Path, dtype: torch.dtype) -> Path:
         """The whole model as one checkpoint in the original layout webui and ComfyUI load."""

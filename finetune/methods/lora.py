@@ -79,7 +79,7 @@ class LoraMethod(Method):
         return unet, tes
 
     def save(self, c, folder: Path, output, name: str) -> list[Path]:
-        from ..export.lora import kohya_alpha, kohya_metadata, peft_to_kohya, save_diffusers_lora, save_kohya_lora
+        from ..export.lora import kohya_alpha, kohya_metadata, save_diffusers_lora, save_kohya_lora
 
         folder = Path(folder)
         dtype = SAVE_DTYPES[output.save_dtype]
@@ -87,13 +87,13 @@ class LoraMethod(Method):
         written = []
         if "diffusers" in output.formats:
             save_diffusers_lora(folder, self.family.pipeline_class, unet_state, te_states, self.unet_config,
-                                self.text_encoder_configs, dtype, weight_name=DIFFUSERS_WEIGHT_NAME)
+                                self.text_encoder_configs, dtype, weight_name=DIFFUSERS_WEIGHT_NAME,
+                                denoiser_component=self.family.denoiser_component)
             written.append(folder / DIFFUSERS_WEIGHT_NAME)
         if "kohya" in output.formats:
-            state = peft_to_kohya(
+            state = self.family.kohya_lora(
                 unet_state, te_states, kohya_alpha(self.unet_config),
-                {n: kohya_alpha(cfg) for n, cfg in self.text_encoder_configs.items()},
-                self.family.kohya_text_encoder_prefixes)
+                {n: kohya_alpha(cfg) for n, cfg in self.text_encoder_configs.items()})
             meta = kohya_metadata(
                 base_model_version=self.family.kohya_base_model_version, rank=self.unet_config.r,
                 alpha=kohya_alpha(self.unet_config), output_name=name,
