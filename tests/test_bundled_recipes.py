@@ -1,5 +1,5 @@
-"""Every bundled recipe trains the tiny model through the CLI with overrides alone: the recipes
-users start from are never broken by a schema or method change."""
+"""Every bundled recipe trains its family's tiny model through the CLI with overrides alone: the
+recipes users start from are never broken by a schema or method change."""
 
 from pathlib import Path
 
@@ -26,7 +26,9 @@ EXPECTED = {
 def test_bundled_recipe_trains_the_tiny_model(name, tiny_sd15, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # recipes point at datasets/robot, relative to the repository
     recipe, _ = load_recipe(name)
-    overrides = [f"model.base={tiny_sd15}", "data.resolution=64", "training.max_steps=2", "training.mixed_precision=no",
+    family = recipe.model.family if recipe.model.family != "auto" else "sd1"
+    tiny = {"sd1": tiny_sd15, "sdxl": "builtin:tiny-sdxl", "flux": "builtin:tiny-flux"}[family]
+    overrides = [f"model.base={tiny}", "data.resolution=64", "training.max_steps=2", "training.mixed_precision=no",
                  "validation.num_inference_steps=2", "output.save_every_n_steps=null", f"output.dir={tmp_path}",
                  "output.run_name=r", "--no-progress"]
     if recipe.method.type in ("textual_inversion", "pivotal"):

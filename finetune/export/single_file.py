@@ -195,8 +195,22 @@ def _unet_modules(unet) -> dict[str, tuple[str, Mapping[str, str] | None]]:
             "UNets can be written as an original SD single file")
     if getattr(config, "class_embed_type", None) is not None or getattr(config, "num_class_embeds", None):
         raise SingleFileExportError("UNet has class embeddings; only SD1.x/SD2.x UNets are supported")
+    return unet_module_map(unet)
+
+
+def rename_modules(state: Mapping[str, torch.Tensor], modules, component: str) -> dict[str, torch.Tensor]:
+    """`state` with each key's module path replaced by its original-layout one (see `unet_module_map`)."""
+    names = _rename(state, modules, component)
+    return {names[k]: v for k, v in state.items()}
+
+
+def unet_module_map(unet) -> dict[str, tuple[str, Mapping[str, str] | None]]:
+    """diffusers UNet module path -> (original LDM/SGM module path, inner renames), derived from the
+    model's own blocks; SDXL's added time/text embedding included (`label_emb.0`)."""
     ident: Mapping[str, str] | None = None
     m: dict[str, tuple[str, Mapping[str, str] | None]] = {
+        "add_embedding.linear_1": ("label_emb.0.0", ident),
+        "add_embedding.linear_2": ("label_emb.0.2", ident),
         "conv_in": ("input_blocks.0.0", ident),
         "time_embedding.linear_1": ("time_embed.0", ident),
         "time_embedding.linear_2": ("time_embed.2", ident),
@@ -217,7 +231,7 @@ def _unet_modules(unet) -> dict[str, tuple[str, Mapping[str, str] | None]]:
 
     mid = unet.mid_block
     if mid is None:
-        raise SingleFileExportError("UNet has no mid block; not an SD1.x/SD2.x UNet")
+        raise SingleFileExportError("UNet has no mid block; not an SD-shaped UNet")
     idx = 0
     mid_attn = getattr(mid, "attentions", None) or []
     for k in range(len(mid.resnets)):

@@ -5,6 +5,7 @@ A family:
 - `load(source, cfg)`: returns `Components` (the pipeline and its parts, a training noise scheduler);
 - `encode_images(c, pixels)` -> latents; `encode_prompts(c, captions)` -> conditioning dict;
 - `sample_noisy(c, latents, noise_offset)` -> (model input, timesteps, target);
+- `image_conditioning(c, batch)` -> extra conditioning from image sizes and crops (SDXL);
 - `predict(c, noisy, timesteps, cond)` -> model output; `loss_weights(c, timesteps, gamma)`;
 - LoRA defaults (`lora_targets`, `text_encoder_lora_targets`) and export naming
   (`kohya_text_encoder_prefixes`, `kohya_base_model_version`);
@@ -135,6 +136,11 @@ class Family:
 
     def loss_weights(self, c: Components, timesteps: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor | None:
         return None
+
+    def image_conditioning(self, c: Components, batch: dict) -> dict[str, torch.Tensor]:
+        """Conditioning taken from the images rather than the captions (merged into `cond`); a batch
+        carries `original_size`, `crop_top_left` and `target_size` per image, as (height, width)."""
+        return {}
 
     def count_truncated(self, c: Components, captions: list[str]) -> int:
         return 0

@@ -18,6 +18,7 @@ class SD1Family(Family):
     text_encoder_lora_targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
     kohya_text_encoder_prefixes = {"text_encoder": "lora_te"}
     kohya_base_model_version = "sd_v1"
+    text_encoder_names = ("text_encoder",)  # pipeline attributes; tokenizers are named alike
 
     @property
     def pipeline_class(self):
@@ -49,7 +50,8 @@ class SD1Family(Family):
         noise_scheduler = DDPMScheduler.from_config(sched_config)
         return Components(
             pipeline=pipe, denoiser=pipe.unet, vae=pipe.vae,
-            text_encoders={"text_encoder": pipe.text_encoder}, tokenizers={"text_encoder": pipe.tokenizer},
+            text_encoders={n: getattr(pipe, n) for n in self.text_encoder_names},
+            tokenizers={n: getattr(pipe, n.replace("text_encoder", "tokenizer")) for n in self.text_encoder_names},
             noise_scheduler=noise_scheduler, source=source,
         )
 
@@ -58,8 +60,8 @@ class SD1Family(Family):
         latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
         return latents * vae.config.scaling_factor
 
-    def _ids(self, c: Components, captions: list[str]) -> torch.Tensor:
-        tok = c.tokenizers["text_encoder"]
+    def _ids(self, c: Components, captions: list[str], name: str = "text_encoder") -> torch.Tensor:
+        tok = c.tokenizers[name]
         return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                    return_tensors="pt").input_ids
 
@@ -69,7 +71,7 @@ class SD1Family(Family):
         return {"encoder_hidden_states": hidden}
 
     def count_truncated(self, c: Components, captions: list[str]) -> int:
-        tok = c.tokenizers["text_encoder"]
+        tok = c.tokenizers[self.text_encoder_names[0]]
         return sum(len(tok(cap).input_ids) > tok.model_max_length for cap in captions)
 
     def sample_noisy(self, c: Components, latents: torch.Tensor, noise_offset: float = 0.0):

@@ -11,6 +11,10 @@ from ..data import BucketBatchSampler, collate
 from ..errors import FinetuneError
 
 
+# Per image, for families conditioned on them (SDXL): size before cropping, crop offset, bucket size.
+SIZE_FIELDS = ("original_size", "crop_top_left", "target_size")
+
+
 def fork_rng():
     """Run a block with its own RNG state, restoring the caller's (CPU and the current GPU)."""
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -26,6 +30,7 @@ class BatchSource:
         self.seed = seed
         self.dtype = dtype
         self.cache: dict[str, torch.Tensor] | None = None
+        self.sizes: dict[str, dict] = {}
         if cache_latents:
             self.cache = {}
             self._fill_cache(progress, desc)
@@ -44,6 +49,7 @@ class BatchSource:
             if not torch.isfinite(latent).all():
                 raise FinetuneError(f"the VAE produced NaN/inf latents for {item['key']}")
             self.cache[item["key"]] = latent.to(self.dtype)
+            self.sizes[item["key"]] = {k: item[k] for k in SIZE_FIELDS}
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -59,10 +65,12 @@ class BatchSource:
             if self.cache is not None:
                 keys = [ds.example(i).key for i in indices]
                 yield {"latents": torch.stack([self.cache[k] for k in keys]),
-                       "captions": [ds.caption(i) for i in indices], "keys": keys}
+                       "captions": [ds.caption(i) for i in indices], "keys": keys,
+                       **{f: [self.sizes[k][f] for k in keys] for f in SIZE_FIELDS}}
             else:
                 batch = collate([ds[i] for i in indices])
-                yield {"pixel_values": batch["pixel_values"], "captions": batch["caption"], "keys": batch["key"]}
+                yield {"pixel_values": batch["pixel_values"], "captions": batch["caption"], "keys": batch["key"],
+                       **{f: batch[f] for f in SIZE_FIELDS}}
 
     def forever(self, skip: int = 0) -> Iterator[dict]:
         """Epoch after epoch without end (class images cycle alongside the instance images),

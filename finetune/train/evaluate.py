@@ -1,23 +1,31 @@
 """A fixed-noise denoising loss: the same noise and timesteps every call, so two models (or one
-model before and after training) are compared on equal terms."""
+model before and after training) are compared on equal terms. It goes through the family's own
+objective (`sample_noisy`, `predict`), so it measures what training minimises for any family."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .batches import fork_rng
+
+
+def uncropped_sizes(latents: torch.Tensor, vae_scale: int = 8) -> dict:
+    """Size conditioning for whole, uncropped images of the latents' size."""
+    h, w = latents.shape[-2] * vae_scale, latents.shape[-1] * vae_scale
+    n = latents.shape[0]
+    return {"original_size": [(h, w)] * n, "crop_top_left": [(0, 0)] * n, "target_size": [(h, w)] * n}
+
 
 @torch.no_grad()
-def fixed_noise_loss(family, c, latents: torch.Tensor, captions: list[str], seed: int = 0, repeats: int = 4) -> float:
-    gen = torch.Generator().manual_seed(seed)
-    sched = c.noise_scheduler
-    cond = family.encode_prompts(c, captions)
+def fixed_noise_loss(family, c, latents: torch.Tensor, captions: list[str], seed: int = 0, repeats: int = 4,
+                     sizes: dict | None = None) -> float:
+    cond = {**family.encode_prompts(c, captions), **family.image_conditioning(c, sizes or uncropped_sizes(latents))}
     total = 0.0
-    for _ in range(repeats):
-        noise = torch.randn(latents.shape, generator=gen).to(latents.device, latents.dtype)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
-        noisy = sched.add_noise(latents, noise, t)
-        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-        pred = family.predict(c, noisy, t, cond)
-        total += F.mse_loss(pred.float(), target.float()).item()
+    with fork_rng():
+        torch.manual_seed(seed)
+        for _ in range(repeats):
+            noisy, t, target = family.sample_noisy(c, latents, 0.0)
+            pred = family.predict(c, noisy, t, cond)
+            total += F.mse_loss(pred.float(), target.float()).item()
     return total / repeats

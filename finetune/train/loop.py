@@ -245,7 +245,8 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
 
     def batch_loss(source: BatchSource, batch: dict) -> torch.Tensor:
         latents = source.latents(batch).to(device, weight_dtype)
-        cond = conditioning([method.prepare_caption(cap) for cap in batch["captions"]])
+        cond = {**conditioning([method.prepare_caption(cap) for cap in batch["captions"]]),
+                **family.image_conditioning(c, batch)}
         noisy, timesteps, target = family.sample_noisy(c, latents, tr.noise_offset)
         with accelerator.autocast():
             pred = family.predict(c, noisy, timesteps, cond)

@@ -1,0 +1,126 @@
+"""SDXL as one family: LoRA on the UNet and both text encoders trains the tiny SDXL (its loss on
+the training images falls), the diffusers file loads with StableDiffusionXLPipeline's own loader
+and changes the output, and the kohya file uses the original UNet names real SDXL LoRAs use and
+loads in diffusers to the very same model."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from finetune.recipe import validate
+from finetune.train import train
+
+from .helpers import make_image_folder, tiny_recipe
+from .test_train_lora import latents_and_captions
+
+# Module names from real SDXL LoRAs made by kohya's sdxl_train_network.py (input_blocks 4/5 and
+# 7/8, middle_block 1, output_blocks 0-5 hold the transformers; te1/te2 are CLIP-L and bigG).
+REAL_SDXL_NAMES = {
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+    "lora_unet_input_blocks_4_1_proj_in",
+    "lora_unet_input_blocks_8_1_transformer_blocks_1_ff_net_2",
+    "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k",
+    "lora_unet_output_blocks_0_1_transformer_blocks_0_attn1_to_out_0",
+    "lora_unet_output_blocks_5_1_proj_out",
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+    "lora_te2_text_model_encoder_layers_1_self_attn_out_proj",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    from finetune.tiny_sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_sdxl, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sdxl")
+    data = make_image_folder(tmp / "data", n=4, sizes=((64, 64),))
+    r = tiny_recipe(tiny_sdxl, data, tmp / "out", training__max_steps=50, training__batch_size=4)
+    r["method"].update(train_text_encoder=True, rank=8, alpha=8)
+    r["training"]["learning_rate"] = 5e-3
+    return train(validate(r, "test"), log=lambda *_: None, progress=False), data
+
+
+def _pipe(model):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _image(pipe):
+    out = pipe("a photo of sks ball", num_inference_steps=2, width=64, height=64, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images[0]
+    return np.asarray(out)
+
+
+def test_lora_training_lowers_the_loss_on_the_training_images(trained, tiny_sdxl):
+    from finetune.families import get_family
+    from finetune.families.base import resolve_source
+    from finetune.recipe.schema import ModelConfig
+    from finetune.train.evaluate import fixed_noise_loss
+
+    result, data = trained
+    family = get_family("sdxl")
+    c = family.load(resolve_source(str(tiny_sdxl)), ModelConfig(base=str(tiny_sdxl)))
+    latents, captions = latents_and_captions(family, c, data)
+    before = fixed_noise_loss(family, c, latents, captions)
+    c.pipeline.load_lora_weights(str(result.run_dir))
+    after = fixed_noise_loss(family, c, latents, captions)
+    # Measured 0.91x: the tiny SDXL has attention only at its 4x4 and 2x2 latent levels (as the real
+    # one has none at its first level), so a LoRA there moves the loss less than on the tiny SD1.5.
+    assert after < 0.95 * before, (before, after)
+
+
+def test_both_files_load_with_diffusers_and_agree(trained, tiny_sdxl):
+    result, _ = trained
+    run = result.run_dir
+    pipe = _pipe(tiny_sdxl)
+    plain = _image(pipe)
+    pipe.load_lora_weights(str(run), weight_name="pytorch_lora_weights.safetensors", adapter_name="d")
+    with_diffusers = _image(pipe)
+    assert np.abs(with_diffusers - plain).max() > 1e-3, "the LoRA did not change the output"
+    # Every UNet and text-encoder module got its LoRA (none silently dropped by the loader).
+    adapters = pipe.get_list_adapters()
+    assert all("d" in adapters.get(k, []) for k in ("unet", "text_encoder", "text_encoder_2")), adapters
+
+    pipe = _pipe(tiny_sdxl)
+    pipe.load_lora_weights(str(run), weight_name="run.safetensors", adapter_name="k")
+    with_kohya = _image(pipe)
+    # diffusers maps the original UNet names back on its own: the same model, within fp32 rounding.
+    assert np.abs(with_kohya - with_diffusers).max() < 1e-4
+
+
+def test_kohya_names_are_the_real_sdxl_ones(trained):
+    result, _ = trained
+    with safe_open(str(result.run_dir / "run.safetensors"), "pt") as f:
+        names = {k.split(".")[0] for k in f.keys()}
+        meta = f.metadata()
+    assert REAL_SDXL_NAMES <= names, sorted(REAL_SDXL_NAMES - names)
+    assert not [n for n in names if "down_blocks" in n or "up_blocks" in n or "mid_block" in n]
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"].startswith("stable-diffusion-xl")
+
+
+def test_size_and_crop_conditioning_reaches_the_unet(tiny_sdxl):
+    """A small image upscaled into its bucket and one that fills it train with different
+    conditioning: the time ids carry each image's original size and crop."""
+    from finetune.families import get_family
+    from finetune.families.base import resolve_source
+    from finetune.recipe.schema import ModelConfig
+
+    family = get_family("sdxl")
+    c = family.load(resolve_source(str(tiny_sdxl)), ModelConfig(base=str(tiny_sdxl)))
+    batch = {"original_size": [(40, 40), (64, 64)], "crop_top_left": [(0, 0), (3, 5)], "target_size": [(64, 64)] * 2}
+    ids = family.image_conditioning(c, batch)["time_ids"]
+    assert ids.tolist() == [[40, 40, 0, 0, 64, 64], [64, 64, 3, 5, 64, 64]]
+    cond = {**family.encode_prompts(c, ["a", "a"]), "time_ids": ids}
+    latents = torch.randn(2, 4, 8, 8)
+    out = family.predict(c, latents, torch.tensor([500, 500]), cond)
+    same = family.predict(c, latents, torch.tensor([500, 500]), {**cond, "time_ids": ids[[1, 1]]})
+    assert not torch.allclose(out[0], same[0])
