@@ -124,3 +124,60 @@ def test_size_and_crop_conditioning_reaches_the_unet(tiny_sdxl):
     out = family.predict(c, latents, torch.tensor([500, 500]), cond)
     same = family.predict(c, latents, torch.tensor([500, 500]), {**cond, "time_ids": ids[[1, 1]]})
     assert not torch.allclose(out[0], same[0])
+
+
+@pytest.fixture(scope="module")
+def ti_run(tiny_sdxl, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sdxl-ti")
+    data = make_image_folder(tmp / "data", n=2, sizes=((64, 64),))
+    r = tiny_recipe(tiny_sdxl, data, tmp / "out", training__max_steps=4)
+    r["method"] = {"type": "textual_inversion", "placeholder_token": "<sks>", "initializer_token": "x",
+                   "num_vectors": 2, "caption": "a photo of <sks>"}
+    r["training"]["learning_rate"] = 5e-2
+    return train(validate(r, "test"), log=lambda *_: None, progress=False)
+
+
+def test_textual_inversion_learns_a_token_in_both_encoders_and_loads_in_diffusers(ti_run, tiny_sdxl):
+    from safetensors.torch import load_file
+
+    run = ti_run.run_dir
+    l, g = load_file(run / "learned_embeds.safetensors"), load_file(run / "learned_embeds_2.safetensors")
+    webui = load_file(run / "run.safetensors")
+    assert set(webui) == {"clip_l", "clip_g"} and webui["clip_l"].shape == (2, 32) == webui["clip_g"].shape
+    assert torch.equal(webui["clip_l"], l["<sks>"]) and torch.equal(webui["clip_g"], g["<sks>"])
+    # The two encoders learned different vectors from the same starting word.
+    assert not torch.equal(l["<sks>"], g["<sks>"])
+
+    pipe = _pipe(tiny_sdxl)
+    prompt = "a photo of <sks>"
+
+    def image(pipe):
+        return np.asarray(pipe(prompt, num_inference_steps=2, width=64, height=64, output_type="np",
+                               generator=torch.Generator().manual_seed(0)).images[0])
+
+    pipe.load_textual_inversion(l["<sks>"], token="<sks>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(g["<sks>"], token="<sks>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    first = image(pipe)
+    # The webui file, split the way webui/ComfyUI read it, gives the same model.
+    pipe2 = _pipe(tiny_sdxl)
+    pipe2.load_textual_inversion(webui["clip_l"], token="<sks>", text_encoder=pipe2.text_encoder, tokenizer=pipe2.tokenizer)
+    pipe2.load_textual_inversion(webui["clip_g"], token="<sks>", text_encoder=pipe2.text_encoder_2, tokenizer=pipe2.tokenizer_2)
+    assert np.abs(image(pipe2) - first).max() < 1e-5
+    assert np.abs(first - image(_pipe(tiny_sdxl))).max() > 1e-3, "the embeddings did not change the output"
+    # Every other weight of both encoders is untouched.
+    base = _pipe(tiny_sdxl)
+    for name in ("text_encoder", "text_encoder_2"):
+        trained = ti_run.components.text_encoders[name].get_input_embeddings().weight
+        ref = getattr(base, name).get_input_embeddings().weight
+        assert torch.equal(trained[: ref.shape[0]], ref)
+
+
+def test_pivotal_tuning_on_sdxl_saves_both_halves(tiny_sdxl, tmp_path):
+    data = make_image_folder(tmp_path / "data", n=2, sizes=((64, 64),))
+    r = tiny_recipe(tiny_sdxl, data, tmp_path / "out", training__max_steps=2)
+    r["method"] = {"type": "pivotal", "placeholder_token": "<sks>", "initializer_token": "x",
+                   "caption": "a photo of <sks>", "rank": 4}
+    result = train(validate(r, "test"), log=lambda *_: None, progress=False)
+    names = {p.name for p in result.run_dir.glob("*.safetensors")}
+    assert {"pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "learned_embeds_2.safetensors",
+            "run.safetensors", "run-emb.safetensors"} <= names

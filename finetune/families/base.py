@@ -114,6 +114,8 @@ class Family:
     default_resolution: ClassVar[int] = 512
     # The denoiser's name in the diffusers pipeline and its LoRA files ("unet", "transformer").
     denoiser_component: ClassVar[str] = "unet"
+    # Text encoder -> tensor name in a webui/ComfyUI embedding file (textual inversion).
+    embedding_keys: ClassVar[dict[str, str]] = {"text_encoder": "emb_params"}
 
     @classmethod
     def matches(cls, model_index: dict) -> bool:

@@ -69,7 +69,8 @@ class PivotalMethod(Method):
     def _freeze_if_due(self, c) -> None:
         if self.cfg.freeze_embeddings_after and self.steps >= self.cfg.freeze_embeddings_after:
             # With no gradient the optimizer skips the embedding from now on (AdamW skips grad=None).
-            c.text_encoders[self.ti.te_name].get_input_embeddings().weight.requires_grad_(False)
+            for rows in self.ti.vectors.values():
+                rows.weight.requires_grad_(False)
 
     def state_dict(self) -> dict:
         return {"steps": self.steps}
@@ -82,7 +83,7 @@ class PivotalMethod(Method):
         return self.lora.save(c, folder, output, name) + self.ti.save(c, folder, output, f"{name}-emb")
 
     def describe_file(self, path: Path) -> str:
-        if path.name == DIFFUSERS_EMBEDS_NAME or path.stem.endswith("-emb"):
+        if path.name.startswith("learned_embeds") or path.stem.endswith("-emb"):
             return self.ti.describe_file(path)
         return self.lora.describe_file(path)
 

@@ -35,6 +35,10 @@ DIFFUSERS_EMBEDS_NAME = "learned_embeds.safetensors"
 WEBUI_KEY = "emb_params"
 
 
+def diffusers_embeds_name(encoder_index: int) -> str:
+    return DIFFUSERS_EMBEDS_NAME if encoder_index == 0 else f"learned_embeds_{encoder_index + 1}.safetensors"
+
+
 class TextualInversionConfig(Section):
     type: Literal["textual_inversion"] = Field(
         "textual_inversion", description="Learn new token embeddings; the model itself does not change.")
@@ -104,14 +108,23 @@ class TextualInversionMethod(Method):
     # setup
 
     def setup(self, c) -> list[dict]:
-        if len(c.text_encoders) != 1:
-            raise FinetuneError(f"method.type: textual_inversion supports models with one text encoder; "
-                                f"{self.family.name} has {len(c.text_encoders)}")
-        self.te_name = next(iter(c.text_encoders))
-        tokenizer, te = c.tokenizers[self.te_name], c.text_encoders[self.te_name]
-        init_id = self._initializer_id(tokenizer)
-        vocab = tokenizer.get_vocab()
-        taken = [t for t in self.tokens if t in vocab]
+        # One set of new vectors per text encoder (SDXL: CLIP-L and OpenCLIP bigG each learn the token).
+        for module in c.frozen_modules():
+            module.requires_grad_(False)
+        self.vectors: dict[str, _NewRows] = {}
+        extended: set[int] = set()
+        for name, te in c.text_encoders.items():
+            tokenizer = c.tokenizers[name]
+            init_id = self._initializer_id(tokenizer)
+            if id(tokenizer) not in extended:  # two encoders may share one tokenizer object
+                self._add_tokens(tokenizer)
+                extended.add(id(tokenizer))
+            self.vectors[name] = _NewRows(te, tokenizer.convert_tokens_to_ids(self.tokens), init_id, len(tokenizer))
+        lr = self.cfg.learning_rate or self.training.learning_rate
+        return [{"params": [v.weight for v in self.vectors.values()], "lr": lr}]
+
+    def _add_tokens(self, tokenizer) -> None:
+        taken = [t for t in self.tokens if t in tokenizer.get_vocab()]
         if taken:
             raise FinetuneError(
                 f"method.placeholder_token: {taken[0]!r} is already a token of this model's tokenizer; choose a "
@@ -119,31 +132,6 @@ class TextualInversionMethod(Method):
         added = tokenizer.add_tokens(self.tokens)
         if added != len(self.tokens):  # cannot happen after the check above, unless the tokenizer refuses
             raise FinetuneError(f"method.placeholder_token: the tokenizer added {added} of {len(self.tokens)} tokens")
-        self.token_ids = tokenizer.convert_tokens_to_ids(self.tokens)
-
-        for module in c.frozen_modules():
-            module.requires_grad_(False)
-        # Never shrink (some checkpoints pad the embedding past the tokenizer); the new rows are
-        # overwritten below, so skip transformers' mean/covariance initialisation of them.
-        rows = te.get_input_embeddings().weight.shape[0]
-        if max(self.token_ids) >= rows:
-            te.resize_token_embeddings(max(len(tokenizer), rows), mean_resizing=False)
-        weight = te.get_input_embeddings().weight
-        with torch.no_grad():
-            weight[self.token_ids] = weight[init_id].clone()
-        weight.requires_grad_(True)
-
-        n_rows = weight.shape[0]
-        new = torch.zeros(n_rows, dtype=torch.bool)
-        new[self.token_ids] = True
-        self._keep_idx = torch.nonzero(~new).squeeze(1)
-        self._original = weight.detach()[self._keep_idx.to(weight.device)].clone()
-        self._new_idx = torch.tensor(self.token_ids)
-        weight.register_hook(self._only_new_rows)
-        te.get_input_embeddings().register_forward_hook(self._match_encoder_dtype)
-        self._te = te
-        lr = self.cfg.learning_rate or self.training.learning_rate
-        return [{"params": [weight], "lr": lr}]
 
     def _initializer_id(self, tokenizer) -> int:
         word = self.cfg.initializer_token
@@ -155,27 +143,12 @@ class TextualInversionMethod(Method):
                 f"use a word that is a single token (a common short word close to the concept)")
         return ids[0]
 
-    def _only_new_rows(self, grad: torch.Tensor) -> torch.Tensor:
-        # Words next to the placeholder ("a", "photo", the padding token) get gradients too; dropping
-        # them keeps gradient clipping and the optimizer's state about the new vectors alone.
-        idx = self._new_idx.to(grad.device)
-        out = torch.zeros_like(grad)
-        out[idx] = grad[idx]
-        return out
-
-    def _match_encoder_dtype(self, module, args, output):
-        # Under mixed precision the loop keeps trained weights in fp32 and the rest of the text
-        # encoder in fp16/bf16; hand the encoder embeddings in its own dtype (CPU layer_norm, for
-        # one, refuses fp32 input with bf16 weights). A no-op when everything is fp32.
-        dtype = next((p.dtype for p in self._te.parameters() if p is not module.weight), output.dtype)
-        return output if output.dtype == dtype else output.to(dtype)
-
     def trainable_modules(self, c) -> list[torch.nn.Module]:
-        return [c.text_encoders[self.te_name]]
+        return [c.text_encoders[n] for n in self.vectors]
 
     def trainable_parameter_count(self, groups: list[dict]) -> int:
-        # The whole embedding matrix is a parameter, but only the new rows learn.
-        return self.cfg.num_vectors * groups[0]["params"][0].shape[1]
+        # Whole embedding matrices are parameters, but only the new rows learn.
+        return self.cfg.num_vectors * sum(p.shape[1] for p in groups[0]["params"])
 
     # ------------------------------------------------------------------------------------------
     # training hooks
@@ -199,51 +172,119 @@ class TextualInversionMethod(Method):
         return pattern.sub(expanded, caption)
 
     def after_step(self, c) -> None:
-        weight = c.text_encoders[self.te_name].get_input_embeddings().weight
-        if self._original.device != weight.device or self._original.dtype != weight.dtype:
-            self._original = self._original.to(weight.device, weight.dtype)
-        if self._keep_idx.device != weight.device:
-            self._keep_idx = self._keep_idx.to(weight.device)
-        with torch.no_grad():
-            weight.index_copy_(0, self._keep_idx, self._original)
+        for v in self.vectors.values():
+            v.restore_others()
 
     # ------------------------------------------------------------------------------------------
     # saving
 
-    def learned_vectors(self, c) -> torch.Tensor:
-        """The trained vectors, [num_vectors, dim], in float32 on the CPU."""
-        weight = c.text_encoders[self.te_name].get_input_embeddings().weight
-        return weight.detach()[self._new_idx.to(weight.device)].to("cpu", torch.float32).clone()
+    def learned_vectors(self, c, name: str | None = None) -> torch.Tensor:
+        """The trained vectors of one text encoder (default: the first), [num_vectors, dim], float32, CPU."""
+        return self.vectors[name or next(iter(self.vectors))].learned()
 
     def save(self, c, folder: Path, output, name: str) -> list[Path]:
         from ..export.files import atomic_save_safetensors
 
         folder = Path(folder)
-        vectors = self.learned_vectors(c).to(SAVE_DTYPES[output.save_dtype]).contiguous()
+        dtype = SAVE_DTYPES[output.save_dtype]
+        vectors = {n: v.learned().to(dtype).contiguous() for n, v in self.vectors.items()}
         meta = {"placeholder_token": self.cfg.placeholder_token, "num_vectors": str(self.cfg.num_vectors),
                 "initializer_token": self.cfg.initializer_token, "family": self.family.name}
         written = []
         if "diffusers" in output.formats:
-            path = folder / DIFFUSERS_EMBEDS_NAME
-            atomic_save_safetensors(path, {self.cfg.placeholder_token: vectors}, {"format": "pt", **meta})
-            written.append(path)
+            # One file per encoder, as diffusers' examples write them: learned_embeds(_2).safetensors.
+            for i, (n, vec) in enumerate(vectors.items()):
+                path = folder / diffusers_embeds_name(i)
+                atomic_save_safetensors(path, {self.cfg.placeholder_token: vec}, {"format": "pt", **meta})
+                written.append(path)
         if "kohya" in output.formats:
+            # webui/ComfyUI: one file, one tensor per encoder (`emb_params`; SDXL: `clip_l`, `clip_g`).
+            keys = self.family.embedding_keys
             path = folder / f"{name}.safetensors"
-            atomic_save_safetensors(path, {WEBUI_KEY: vectors.clone()}, {"format": "pt", "name": name, **meta})
+            atomic_save_safetensors(path, {keys[n]: vec.clone() for n, vec in vectors.items()},
+                                    {"format": "pt", "name": name, **meta})
             written.append(path)
         return written
 
     def describe_file(self, path: Path) -> str:
+        token = self.cfg.placeholder_token
         if path.name == DIFFUSERS_EMBEDS_NAME:
-            return f"diffusers format: `pipe.load_textual_inversion(run_folder)`, then write `{self.cfg.placeholder_token}`"
+            return f"diffusers format: `pipe.load_textual_inversion(run_folder)`, then write `{token}`"
+        if path.name.startswith("learned_embeds_"):
+            return "diffusers format, for the second text encoder (see the code below)"
         return (f"embedding for AUTOMATIC1111, Forge and ComfyUI (copy into `embeddings/`; the prompt word is "
                 f"`{path.stem}`); diffusers: `load_textual_inversion(file, token=...)`")
 
     def usage(self, pipeline_class, load_base, run_dir, files, prompt):
         lines = super().usage(pipeline_class, load_base, run_dir, files, prompt)
-        if any(Path(f).name == DIFFUSERS_EMBEDS_NAME for f in files):
-            load = f"pipe.load_textual_inversion({str(run_dir)!r})"
+        token = self.cfg.placeholder_token
+        names = {Path(f).name for f in files}
+        if DIFFUSERS_EMBEDS_NAME in names and len(self.vectors) == 1:
+            loads = [f"pipe.load_textual_inversion({str(run_dir)!r})"]
+        elif DIFFUSERS_EMBEDS_NAME in names:
+            loads = []
+            for i, n in enumerate(self.vectors):
+                file = str(Path(run_dir) / diffusers_embeds_name(i))
+                tok = n.replace("text_encoder", "tokenizer")
+                loads.append(f"pipe.load_textual_inversion({file!r}, token={token!r}, text_encoder=pipe.{n}, "
+                             f"tokenizer=pipe.{tok})")
         else:
             webui = next(Path(f) for f in files)
-            load = f"pipe.load_textual_inversion({str(webui)!r}, token={self.cfg.placeholder_token!r})"
-        return [*lines[:2], load, *lines[2:]]
+            loads = [f"pipe.load_textual_inversion({str(webui)!r}, token={token!r})"]
+        return [*lines[:2], *loads, *lines[2:]]
+
+class _NewRows:
+    """The new token rows of one text encoder's embedding: initialised from the initializer word;
+    gradients reach them alone (a hook zeroes every other row's, so clipping and optimizer state
+    see only the new vectors), and `restore_others` copies the original values back into every
+    other row after a step (AdamW's decoupled weight decay moves rows that have no gradient)."""
+
+    def __init__(self, te, token_ids: list[int], init_id: int, vocab_size: int):
+        self.te = te
+        # Never shrink (some checkpoints pad the embedding past the tokenizer); the new rows are
+        # overwritten below, so skip transformers' mean/covariance initialisation of them.
+        rows = te.get_input_embeddings().weight.shape[0]
+        if max(token_ids) >= rows:
+            te.resize_token_embeddings(max(vocab_size, rows), mean_resizing=False)
+        weight = te.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[token_ids] = weight[init_id].clone()
+        weight.requires_grad_(True)
+        new = torch.zeros(weight.shape[0], dtype=torch.bool)
+        new[token_ids] = True
+        self.keep_idx = torch.nonzero(~new).squeeze(1)
+        self.original = weight.detach()[self.keep_idx.to(weight.device)].clone()
+        self.new_idx = torch.tensor(token_ids)
+        weight.register_hook(self._only_new_rows)
+        te.get_input_embeddings().register_forward_hook(self._match_encoder_dtype)
+
+    @property
+    def weight(self) -> torch.nn.Parameter:
+        return self.te.get_input_embeddings().weight
+
+    def _only_new_rows(self, grad: torch.Tensor) -> torch.Tensor:
+        # Words next to the placeholder ("a", "photo", the padding token) get gradients too.
+        idx = self.new_idx.to(grad.device)
+        out = torch.zeros_like(grad)
+        out[idx] = grad[idx]
+        return out
+
+    def _match_encoder_dtype(self, module, args, output):
+        # Under mixed precision the loop keeps trained weights in fp32 and the rest of the text
+        # encoder in fp16/bf16; hand the encoder embeddings in its own dtype (CPU layer_norm, for
+        # one, refuses fp32 input with bf16 weights). A no-op when everything is fp32.
+        dtype = next((p.dtype for p in self.te.parameters() if p is not module.weight), output.dtype)
+        return output if output.dtype == dtype else output.to(dtype)
+
+    def restore_others(self) -> None:
+        weight = self.weight
+        if self.original.device != weight.device or self.original.dtype != weight.dtype:
+            self.original = self.original.to(weight.device, weight.dtype)
+        if self.keep_idx.device != weight.device:
+            self.keep_idx = self.keep_idx.to(weight.device)
+        with torch.no_grad():
+            weight.index_copy_(0, self.keep_idx, self.original)
+
+    def learned(self) -> torch.Tensor:
+        weight = self.weight
+        return weight.detach()[self.new_idx.to(weight.device)].to("cpu", torch.float32).clone()
