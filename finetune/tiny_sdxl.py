@@ -15,7 +15,9 @@ import torch
 
 from .testing import SIZES, save_pipeline_atomically, write_tiny_clip_tokenizer
 
-TE_HIDDEN = 32  # each text encoder; real SDXL: 768 (CLIP ViT-L) and 1280 (OpenCLIP bigG)
+# Text encoder widths; real SDXL: 768 (CLIP ViT-L) and 1280 (OpenCLIP bigG). They must differ, as
+# the real ones do: diffusers' single-file reader tells the two encoders apart by width.
+TE_HIDDEN, TE2_HIDDEN = 32, 48
 TIME_EMBED = 8  # real: 256
 
 
@@ -34,11 +36,11 @@ def build_tiny_sdxl(folder: str | os.PathLike, seed: int = 0):
         transformer_layers_per_block=(1, 1, 2),  # real: (1, 2, 10)
         attention_head_dim=(2, 4, 8),  # real: (5, 10, 20) heads of 64
         norm_num_groups=8,
-        cross_attention_dim=2 * TE_HIDDEN,
+        cross_attention_dim=TE_HIDDEN + TE2_HIDDEN,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED,
-        projection_class_embeddings_input_dim=TE_HIDDEN + 6 * TIME_EMBED,
+        projection_class_embeddings_input_dim=TE2_HIDDEN + 6 * TIME_EMBED,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3,
@@ -49,12 +51,15 @@ def build_tiny_sdxl(folder: str | os.PathLike, seed: int = 0):
     with tempfile.TemporaryDirectory() as tmp:
         write_tiny_clip_tokenizer(Path(tmp))
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    common = dict(hidden_size=TE_HIDDEN, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-                  vocab_size=len(tokenizer), max_position_embeddings=77, projection_dim=TE_HIDDEN,
+    common = dict(intermediate_size=64, num_attention_heads=4, vocab_size=len(tokenizer), max_position_embeddings=77,
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**common, hidden_act="quick_gelu"))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, hidden_act="gelu"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**common, hidden_size=TE_HIDDEN, projection_dim=TE_HIDDEN,
+                                                num_hidden_layers=2, hidden_act="quick_gelu"))
+    # Ten layers, not two: diffusers' single-file reader recognises SDXL by the bigG encoder's tenth
+    # block (`conditioner.embedders.1.model.transformer.resblocks.9`); real bigG has 32.
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        **common, hidden_size=TE2_HIDDEN, projection_dim=TE2_HIDDEN, num_hidden_layers=10, hidden_act="gelu"))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,

@@ -143,7 +143,7 @@ def test_textual_inversion_learns_a_token_in_both_encoders_and_loads_in_diffuser
     run = ti_run.run_dir
     l, g = load_file(run / "learned_embeds.safetensors"), load_file(run / "learned_embeds_2.safetensors")
     webui = load_file(run / "run.safetensors")
-    assert set(webui) == {"clip_l", "clip_g"} and webui["clip_l"].shape == (2, 32) == webui["clip_g"].shape
+    assert set(webui) == {"clip_l", "clip_g"} and webui["clip_l"].shape == (2, 32) and webui["clip_g"].shape == (2, 48)
     assert torch.equal(webui["clip_l"], l["<sks>"]) and torch.equal(webui["clip_g"], g["<sks>"])
     # The two encoders learned different vectors from the same starting word.
     assert not torch.equal(l["<sks>"], g["<sks>"])
@@ -181,3 +181,29 @@ def test_pivotal_tuning_on_sdxl_saves_both_halves(tiny_sdxl, tmp_path):
     names = {p.name for p in result.run_dir.glob("*.safetensors")}
     assert {"pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "learned_embeds_2.safetensors",
             "run.safetensors", "run-emb.safetensors"} <= names
+
+
+def test_dreambooth_on_sdxl_writes_a_single_file_diffusers_reads_back(tiny_sdxl, tmp_path):
+    """Full fine-tune: the original-layout single file (SGM keys, bigG in OpenCLIP layout) loads
+    with StableDiffusionXLPipeline.from_single_file and holds the trained UNet and encoders."""
+    from diffusers import StableDiffusionXLPipeline
+
+    data = make_image_folder(tmp_path / "data", n=2, sizes=((64, 64),))
+    r = tiny_recipe(tiny_sdxl, data, tmp_path / "out", training__max_steps=2)
+    r["method"] = {"type": "dreambooth", "train_text_encoder": True}
+    r["output"]["save_dtype"] = "fp32"
+    result = train(validate(r, "test"), log=lambda *_: None, progress=False)
+    single = result.run_dir / "run.safetensors"
+    with safe_open(str(single), "pt") as f:
+        keys = set(f.keys())
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys
+    assert "conditioner.embedders.1.model.text_projection" in keys
+    assert "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" in keys
+    pipe = StableDiffusionXLPipeline.from_single_file(str(single), config=str(tiny_sdxl))
+    trained = StableDiffusionXLPipeline.from_pretrained(result.run_dir / "model")
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        a, b = getattr(pipe, name).state_dict(), getattr(trained, name).state_dict()
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b if k in a), name
+        assert len([k for k in b if k not in a and "position_ids" not in k]) == 0, name
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl).unet.state_dict()
+    assert any(not torch.equal(base[k], trained.unet.state_dict()[k]) for k in base), "the UNet did not train"

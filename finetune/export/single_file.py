@@ -33,8 +33,12 @@ Layout written (prefixes of the original `LatentDiffusion` model):
     marker: whether an SD2 v-prediction model is run as one is up to the loader's own detection
     (or the user's choice of config there); say so in the model card.
 
-Not covered (refused with a clear error): SDXL (`addition_embed_type="text_time"`, two text
-encoders, `conditioner.embedders` layout), SD3/FLUX, inpainting/upscaler extras such as class
+SDXL (`sdxl_single_file_state_dict`): the same UNet and VAE mapping (plus `label_emb.0`, the
+added size/pooled-text embedding) and the `conditioner.embedders` text encoders: `0.transformer.
+text_model.*` (CLIP ViT-L, transformers names) and `1.model.*` (OpenCLIP bigG layout as above,
+with `text_projection` stored [hidden, proj] as OpenCLIP does).
+
+Not covered (refused with a clear error): SD3/FLUX, inpainting/upscaler extras such as class
 embeddings; any parameter the mapping does not place makes the export fail rather than silently
 drop weights.
 
@@ -302,7 +306,7 @@ def _text_encoder_is_open_clip(text_encoder, text_encoder_format: str) -> bool:
     return getattr(text_encoder.config, "hidden_act", "quick_gelu") == "gelu"
 
 
-def _clip_state(text_encoder, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _clip_state(text_encoder, state: Mapping[str, torch.Tensor], prefix: str = CLIP_PREFIX) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.startswith("text_projection."):
@@ -312,19 +316,21 @@ def _clip_state(text_encoder, state: Mapping[str, torch.Tensor]) -> dict[str, to
         key = key.removeprefix("text_model.")
         if not key.startswith(("embeddings.", "encoder.", "final_layer_norm.")):
             raise SingleFileExportError(f"text encoder: unexpected parameter {key!r}")
-        out[CLIP_PREFIX + key] = value
+        out[prefix + key] = value
     # Real SD1.x checkpoints carry this buffer; some loaders expect it (transformers 5 does not save it).
-    pid = CLIP_PREFIX + "embeddings.position_ids"
+    pid = prefix + "embeddings.position_ids"
     if pid not in out:
         n = text_encoder.config.max_position_embeddings
         out[pid] = torch.arange(n, dtype=torch.int64).unsqueeze(0)
     return out
 
 
-def _open_clip_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _open_clip_state(state: Mapping[str, torch.Tensor], prefix: str = OPEN_CLIP_PREFIX) -> dict[str, torch.Tensor]:
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
     state.pop("embeddings.position_ids", None)
     out: dict[str, torch.Tensor] = {}
+    if "text_projection.weight" in state:  # SDXL's bigG: OpenCLIP keeps the projection as [hidden, proj]
+        out[prefix + "text_projection"] = state.pop("text_projection.weight").T
     fixed = {
         "embeddings.token_embedding.weight": "token_embedding.weight",
         "embeddings.position_embedding.weight": "positional_embedding",
@@ -334,12 +340,12 @@ def _open_clip_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     used = set()
     for src, dst in fixed.items():
         if src in state:
-            out[OPEN_CLIP_PREFIX + dst] = state[src]
+            out[prefix + dst] = state[src]
             used.add(src)
     layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
     for i in layers:
         src = f"encoder.layers.{i}."
-        dst = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{i}."
+        dst = f"{prefix}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             qkv = [f"{src}self_attn.{p}_proj.{kind}" for p in "qkv"]
             if all(k in state for k in qkv):
@@ -368,10 +374,31 @@ def sd1_single_file_state_dict(unet, vae, text_encoder, *, text_encoder_format: 
     "clip" or "open_clip". Tensors keep their dtype and device; peft LoRA layers are folded in
     (see the module docstring). Raises `SingleFileExportError` for anything that does not fit.
     """
-    result: dict[str, torch.Tensor] = {}
+    result = _unet_vae_state(unet, vae, _unet_modules(_unwrap(unet)))
+    te_state = plain_state_dict(text_encoder)
+    if _text_encoder_is_open_clip(_unwrap(text_encoder), text_encoder_format):
+        result.update(_open_clip_state(te_state))
+    else:
+        result.update(_clip_state(_unwrap(text_encoder), te_state))
+    return result
 
+
+def sdxl_single_file_state_dict(unet, vae, text_encoder, text_encoder_2) -> dict[str, torch.Tensor]:
+    """The original (SGM) state dict of an SDXL pipeline: `model.diffusion_model.*` (with
+    `label_emb.0.*`, the size/pooled-text embedding), `first_stage_model.*`,
+    `conditioner.embedders.0.transformer.text_model.*` (CLIP ViT-L) and
+    `conditioner.embedders.1.model.*` (OpenCLIP bigG, `text_projection` included)."""
+    result = _unet_vae_state(unet, vae, unet_module_map(_unwrap(unet)))
+    result.update(_clip_state(_unwrap(text_encoder), plain_state_dict(text_encoder),
+                              prefix="conditioner.embedders.0.transformer.text_model."))
+    result.update(_open_clip_state(plain_state_dict(text_encoder_2), prefix="conditioner.embedders.1.model."))
+    return result
+
+
+def _unet_vae_state(unet, vae, unet_map) -> dict[str, torch.Tensor]:
+    result: dict[str, torch.Tensor] = {}
     unet_state = plain_state_dict(unet)
-    for key, new in _rename(unet_state, _unet_modules(_unwrap(unet)), "UNet").items():
+    for key, new in _rename(unet_state, unet_map, "UNet").items():
         result[UNET_PREFIX + new] = unet_state[key]
 
     vae_state = plain_state_dict(vae)
@@ -381,12 +408,6 @@ def sd1_single_file_state_dict(unet, vae, text_encoder, *, text_encoder_format: 
         if ".mid.attn_1." in new and value.ndim == 2:  # Linear [out, in] -> 1x1 conv [out, in, 1, 1]
             value = value.reshape(*value.shape, 1, 1)
         result[VAE_PREFIX + new] = value
-
-    te_state = plain_state_dict(text_encoder)
-    if _text_encoder_is_open_clip(_unwrap(text_encoder), text_encoder_format):
-        result.update(_open_clip_state(te_state))
-    else:
-        result.update(_clip_state(_unwrap(text_encoder), te_state))
     return result
 
 
@@ -403,6 +424,19 @@ def save_sd1_single_file(path: str | os.PathLike, unet, vae, text_encoder, dtype
     fsynced and renamed over `path`, so a crash never leaves a truncated checkpoint. `metadata`
     (str -> str) goes into the safetensors header.
     """
+    state = sd1_single_file_state_dict(unet, vae, text_encoder, text_encoder_format=text_encoder_format)
+    return save_single_file_state(path, state, dtype, metadata)
+
+
+def save_sdxl_single_file(path: str | os.PathLike, unet, vae, text_encoder, text_encoder_2,
+                          dtype: torch.dtype | None = torch.float16, metadata: Mapping[str, str] | None = None) -> Path:
+    state = sdxl_single_file_state_dict(unet, vae, text_encoder, text_encoder_2)
+    return save_single_file_state(path, state, dtype, metadata)
+
+
+def save_single_file_state(path: str | os.PathLike, state: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
+                           metadata: Mapping[str, str] | None = None) -> Path:
+    """Write an original-layout state dict atomically (see `save_sd1_single_file`)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise SingleFileExportError(f"{path}: the single-file checkpoint must end in .safetensors")
@@ -411,7 +445,6 @@ def save_sd1_single_file(path: str | os.PathLike, unet, vae, text_encoder, dtype
         if not isinstance(k, str) or not isinstance(v, str):
             raise TypeError(f"safetensors metadata must map str to str; got {k!r}: {type(v).__name__}")
         meta[k] = v
-    state = sd1_single_file_state_dict(unet, vae, text_encoder, text_encoder_format=text_encoder_format)
     tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
     for key, value in state.items():

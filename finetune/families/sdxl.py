@@ -70,4 +70,7 @@ class SDXLFamily(SD1Family):
                              self.kohya_text_encoder_prefixes)
 
     def save_single_file(self, c: Components, path, dtype: torch.dtype):
-        raise NotImplementedError("single-file export of SDXL is not written yet; use the diffusers folder in model/")
+        from ..export.single_file import save_sdxl_single_file
+
+        return save_sdxl_single_file(path, c.denoiser, c.vae, c.text_encoders["text_encoder"],
+                                     c.text_encoders["text_encoder_2"], dtype=dtype)
