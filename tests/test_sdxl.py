@@ -207,3 +207,26 @@ def test_dreambooth_on_sdxl_writes_a_single_file_diffusers_reads_back(tiny_sdxl,
         assert len([k for k in b if k not in a and "position_ids" not in k]) == 0, name
     base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl).unet.state_dict()
     assert any(not torch.equal(base[k], trained.unet.state_dict()[k]) for k in base), "the UNet did not train"
+
+
+def test_a_user_chosen_vae_replaces_the_models_own(tiny_sdxl, tmp_path):
+    """model.vae (e.g. an fp16-fix VAE) is the one that encodes the training images."""
+    from diffusers import AutoencoderKL
+
+    from finetune.errors import FinetuneError
+
+    other = tmp_path / "other-vae"
+    AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae").save_pretrained(other)
+    with torch.no_grad():
+        vae = AutoencoderKL.from_pretrained(other)
+        vae.encoder.conv_in.weight.mul_(0.5)
+        vae.save_pretrained(other)
+    data = make_image_folder(tmp_path / "data", n=2, sizes=((64, 64),))
+    r = tiny_recipe(tiny_sdxl, data, tmp_path / "out", training__max_steps=1)
+    r["model"]["vae"] = str(other)
+    result = train(validate(r, "test"), log=lambda *_: None, progress=False)
+    assert torch.equal(result.components.vae.encoder.conv_in.weight, vae.encoder.conv_in.weight)
+    r["model"]["vae"] = str(tmp_path / "missing")
+    r["output"]["run_name"] = "r2"
+    with pytest.raises(FinetuneError, match="model.vae: cannot load"):
+        train(validate(r, "test"), log=lambda *_: None, progress=False)

@@ -1,16 +1,36 @@
-"""What a model family must provide. The training loop and the methods talk only to this.
+"""What a model family must provide. The training loop and the methods talk only to this; adding a
+family (SDXL, FLUX, ...) is one module in `finetune/families/` registered with `@register_family`,
+a tiny shape-faithful builder for tests (`finetune/tiny_<family>.py`, listed in
+`finetune.testing.BUILTIN_MODELS`) and recipes — no change to the loop or to a method.
 
-A family:
-- `matches(model_index)`: recognises its diffusers pipeline (for `model.family: auto`);
-- `load(source, cfg)`: returns `Components` (the pipeline and its parts, a training noise scheduler);
-- `encode_images(c, pixels)` -> latents; `encode_prompts(c, captions)` -> conditioning dict;
-- `sample_noisy(c, latents, noise_offset)` -> (model input, timesteps, target);
-- `image_conditioning(c, batch)` -> extra conditioning from image sizes and crops (SDXL);
-- `predict(c, noisy, timesteps, cond)` -> model output; `loss_weights(c, timesteps, gamma)`;
-- LoRA defaults (`lora_targets`, `text_encoder_lora_targets`) and export naming
-  (`kohya_text_encoder_prefixes`, `kohya_base_model_version`);
-- `pipeline_class` for sampling and for diffusers' LoRA loaders;
-- `save_single_file(c, path, dtype)`: a full model as one original-layout checkpoint.
+Recognising and loading
+- `name`; `pipeline_class` (sampling, and diffusers' LoRA / textual-inversion loaders) and
+  `pipeline_class_names` so `matches(model_index)` recognises a diffusers folder (`model.family: auto`).
+- `load(source, cfg) -> Components`: the pipeline and its parts — `denoiser` (UNet or transformer),
+  `vae`, `text_encoders` / `tokenizers` (dicts keyed by the pipeline's attribute names:
+  "text_encoder", "text_encoder_2"), a training `noise_scheduler`. Honour `cfg.allow_pickle`
+  (safetensors only unless set) and `cfg.vae`; raise FinetuneError with one line on failure.
+
+The training objective (the loop computes MSE(prediction, target) x `loss_weights`)
+- `encode_images(c, pixels) -> latents` (pixels in [-1, 1]; the VAE is kept fp32 by the loop).
+- `encode_prompts(c, captions) -> dict` of per-sample tensors (stacked on dim 0, so the loop can
+  cache them per caption when the text encoders are frozen).
+- `image_conditioning(c, batch) -> dict`: conditioning from the images — a batch carries
+  `original_size`, `crop_top_left`, `target_size` per image (SDXL's micro-conditioning); default none.
+- `sample_noisy(c, latents, noise_offset) -> (model input, timesteps, target)`: the objective
+  (DDPM epsilon / v-prediction for SD, rectified flow for FLUX), drawing from the global RNG.
+- `predict(c, noisy, timesteps, cond) -> prediction` shaped like the target.
+- `loss_weights(c, timesteps, min_snr_gamma)` (None: uniform); `count_truncated(c, captions)`.
+
+What methods and exports need
+- `lora_targets`, `text_encoder_lora_targets`: peft target modules by default.
+- `denoiser_component`: the denoiser's name in diffusers LoRA files ("unet", "transformer").
+- `kohya_lora(...)`: peft state dicts -> the key layout webui/ComfyUI load for this family, with
+  `kohya_text_encoder_prefixes` and `kohya_base_model_version` (kohya metadata).
+- `embedding_keys`: text encoder -> tensor name in a webui embedding file ("emb_params";
+  SDXL "clip_l"/"clip_g").
+- `save_single_file(c, path, dtype)`: a full fine-tune as one original-layout checkpoint.
+- `default_resolution`.
 """
 
 from __future__ import annotations
@@ -107,8 +127,10 @@ class Family:
     name: ClassVar[str]
     pipeline_class: ClassVar[Any]
     pipeline_class_names: ClassVar[tuple[str, ...]] = ()
-    lora_targets: ClassVar[list[str]]
+    lora_targets: ClassVar[list[str] | str]
     text_encoder_lora_targets: ClassVar[list[str]]
+    # The text encoders a text-encoder LoRA adapts (None: all); FLUX's T5 stays frozen.
+    trainable_text_encoders: ClassVar[tuple[str, ...] | None] = None
     kohya_text_encoder_prefixes: ClassVar[dict[str, str]]
     kohya_base_model_version: ClassVar[str]
     default_resolution: ClassVar[int] = 512

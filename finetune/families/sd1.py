@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..errors import FinetuneError
@@ -43,6 +45,8 @@ class SD1Family(Family):
             hint = ("; if it only has pickled .bin weights, convert them to .safetensors or set "
                     "model.allow_pickle=true if you trust its source") if not cfg.allow_pickle else ""
             raise FinetuneError(f"model.base: cannot load {source.label}: {first}{hint}") from e
+        if cfg.vae:
+            pipe.vae = self._load_vae(cfg)
         sched_config = dict(pipe.scheduler.config)
         if cfg.prediction_type:
             sched_config["prediction_type"] = cfg.prediction_type
@@ -54,6 +58,16 @@ class SD1Family(Family):
             tokenizers={n: getattr(pipe, n.replace("text_encoder", "tokenizer")) for n in self.text_encoder_names},
             noise_scheduler=noise_scheduler, source=source,
         )
+
+    def _load_vae(self, cfg):
+        from diffusers import AutoencoderKL
+
+        try:
+            sub = "vae" if (Path(cfg.vae).expanduser() / "vae").is_dir() else None
+            return AutoencoderKL.from_pretrained(cfg.vae, subfolder=sub, use_safetensors=None if cfg.allow_pickle else True)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FinetuneError(f"model.vae: cannot load {cfg.vae}: {first}") from e
 
     def encode_images(self, c: Components, pixels: torch.Tensor) -> torch.Tensor:
         vae = c.vae

@@ -27,6 +27,9 @@ class ModelConfig(Section):
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="Override the scheduler's prediction type (v_prediction for SD2.x 768 models).")
     allow_pickle: bool = Field(False, description="Allow loading pickled .ckpt/.bin weights (unsafe).")
+    vae: str | None = Field(None, description=(
+        "A different VAE (diffusers folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix. The VAE runs in "
+        "fp32 during training either way; samples and generation use it as loaded."))
 
     @field_validator("family")
     @classmethod
