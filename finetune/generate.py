@@ -41,7 +41,7 @@ def load_pipeline(base: str, family: str = "auto", loras: list[str] = ()):
                 pipe.load_lora_weights(str(path), adapter_name=name)
             else:
                 pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-        except (ValueError, OSError, KeyError) as e:
+        except (ValueError, OSError, KeyError, AssertionError) as e:  # diffusers' converters assert on odd shapes
             raise FinetuneError(f"--lora: {path} could not be loaded into {source.label}: {str(e).splitlines()[0]}") from e
         names.append(name)
         weights.append(weight)

@@ -176,6 +176,37 @@ def kohya_module_names(state: Mapping[str, Any]) -> list[str]:
     return sorted({k.split(".", 1)[0] for k in state})
 
 
+def peft_lora_pairs(state: Mapping[str, torch.Tensor], component: str = "LoRA") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module name -> (lora_A, lora_B) of a peft LoRA state dict (`base_model.model.` stripped),
+    refusing what a kohya file cannot hold (DoRA magnitudes, LoRA biases, half pairs)."""
+    state = {_strip(k, ("base_model.model.",)): v for k, v in state.items()}
+    _check_peft_keys(state, component)
+    return {m: (state[f"{m}.lora_A.weight"], state[f"{m}.lora_B.weight"])
+            for m in sorted({k.rsplit(".", 2)[0] for k in state})}
+
+
+def fuse_lora(parts: list[tuple[torch.Tensor, torch.Tensor, int]], out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LoRA on a fused weight (BFL's qkv, FLUX's single-block linear1) from LoRAs on row blocks of it.
+
+    `parts`: (lora_A [r_i, in], lora_B [rows_i, r_i], first row of that block in the fused weight).
+    Returns (lora_down [sum r_i, in], lora_up [out_features, sum r_i]): the A's stacked and the B's
+    placed block-diagonally, so up @ down holds B_i @ A_i in block i's rows and zeros elsewhere (a
+    block no LoRA covers stays unchanged). The parts must share one scale s = alpha / r; loaders
+    scale by alpha / rank with rank = rows of lora_down, so the fused file's alpha is s * sum r_i."""
+    if not parts:
+        raise ValueError("fuse_lora: no parts")
+    down = torch.cat([a for a, _, _ in parts], dim=0)
+    up = torch.zeros(out_features, down.shape[0], dtype=parts[0][1].dtype, device=parts[0][1].device)
+    col = 0
+    for a, b, row in parts:
+        if b.shape[1] != a.shape[0] or row < 0 or row + b.shape[0] > out_features:
+            raise ValueError(f"fuse_lora: a block of {b.shape[0]} rows at row {row} does not fit {out_features} rows "
+                             f"(or its lora_A/lora_B ranks differ)")
+        up[row:row + b.shape[0], col:col + a.shape[0]] = b
+        col += a.shape[0]
+    return down, up
+
+
 # --------------------------------------------------------------------------------------------
 # metadata
 
@@ -374,9 +405,11 @@ def save_diffusers_lora(
 __all__ = [
     "DIFFUSERS_WEIGHT_NAME",
     "KOHYA_NETWORK_MODULE",
+    "fuse_lora",
     "kohya_alpha",
     "kohya_metadata",
     "kohya_module_names",
+    "peft_lora_pairs",
     "peft_to_kohya",
     "save_diffusers_lora",
     "save_kohya_lora",

@@ -23,7 +23,9 @@ The training objective (the loop computes MSE(prediction, target) x `loss_weight
 - `loss_weights(c, timesteps, min_snr_gamma)` (None: uniform); `count_truncated(c, captions)`.
 
 What methods and exports need
-- `lora_targets`, `text_encoder_lora_targets`: peft target modules by default.
+- `lora_targets` (module-name suffixes, or one regular expression peft matches against whole
+  names), `text_encoder_lora_targets`: peft target modules by default; `trainable_text_encoders`:
+  the text encoders a text-encoder LoRA adapts (None: all; FLUX: CLIP-L only, T5 stays frozen).
 - `denoiser_component`: the denoiser's name in diffusers LoRA files ("unet", "transformer").
 - `kohya_lora(...)`: peft state dicts -> the key layout webui/ComfyUI load for this family, with
   `kohya_text_encoder_prefixes` and `kohya_base_model_version` (kohya metadata).

@@ -58,7 +58,8 @@ class LoraMethod(Method):
         self.text_encoder_configs = {}
         if self.cfg.train_text_encoder:
             te_lr = self.cfg.text_encoder_lr or self.training.learning_rate
-            for name, te in c.text_encoders.items():
+            for name in self.family.trainable_text_encoders or list(c.text_encoders):
+                te = c.text_encoders[name]
                 config = self._peft_config(
                     self.cfg.text_encoder_rank or self.cfg.rank,
                     self.cfg.text_encoder_alpha or self.cfg.alpha or self.cfg.text_encoder_rank,

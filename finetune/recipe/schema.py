@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Union  # noqa: F401
 from pydantic import Field, field_validator, model_validator
 
 from ..config_base import Section
+from ..families.flux import FluxOptions
 
 
 class ModelConfig(Section):
@@ -27,6 +28,9 @@ class ModelConfig(Section):
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="Override the scheduler's prediction type (v_prediction for SD2.x 768 models).")
     allow_pickle: bool = Field(False, description="Allow loading pickled .ckpt/.bin weights (unsafe).")
+    flux: FluxOptions = Field(default_factory=FluxOptions, description=(
+        "FLUX.1 only: timestep sampling and shift, guidance embedding, loss weighting, 8-bit/NF4 loading "
+        "(finetune/families/flux.py)."))
     vae: str | None = Field(None, description=(
         "A different VAE (diffusers folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix. The VAE runs in "
         "fp32 during training either way; samples and generation use it as loaded."))

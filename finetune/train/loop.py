@@ -125,7 +125,10 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     device = accelerator.device
     # The VAE stays fp32: SD VAEs overflow in fp16 (NaN latents, black images).
     c.vae.to(device, dtype=torch.float32)
-    c.denoiser.to(device, dtype=weight_dtype)
+    if getattr(c.denoiser, "is_quantized", False):  # bitsandbytes 8-bit/NF4 weights keep their own dtype
+        c.denoiser.to(device)
+    else:
+        c.denoiser.to(device, dtype=weight_dtype)
     for te in c.text_encoders.values():
         te.to(device, dtype=weight_dtype)
     class_files = []

@@ -1,0 +1,372 @@
+"""FLUX.1 [dev] and [schnell]: a rectified-flow transformer (double-stream MMDiT blocks, then
+single-stream blocks) on 16-channel latents packed into 2x2 patches, conditioned on T5 hidden
+states, CLIP-L's pooled output and, for [dev] (guidance-distilled), a guidance embedding.
+
+Objective: noisy = (1 - sigma) * latents + sigma * noise, target = noise - latents (the velocity
+the transformer predicts), sigma drawn per image as `FluxOptions.timestep_sampling` says, then
+shifted the way the model samples: "auto" uses the base model's scheduler, i.e. the
+resolution-dependent shift for [dev] and none for [schnell].
+
+Only CLIP-L can take a LoRA besides the transformer; T5 always stays frozen and runs without
+gradients (with CLIP-L frozen too, the loop caches both encoders' outputs per caption).
+
+LoRA files for ComfyUI, Forge and webui use the original (BFL) module names with q/k/v fused, as
+kohya's FLUX trainer writes them: `lora_unet_double_blocks_0_img_attn_qkv`,
+`lora_unet_single_blocks_0_linear1` (q, k, v and the MLP input in one weight), `lora_te1_...` for
+CLIP-L. diffusers' FluxPipeline.load_lora_weights reads that layout too (at FLUX.1's real widths:
+its converter has them written in for the single blocks' linear1).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+
+from ..config_base import Section
+from ..errors import FinetuneError
+from . import register_family
+from .base import Components, Family, ModelSource
+
+# FluxPipeline encodes prompts to this many T5 tokens unless told otherwise; training at the
+# length validation and users' pipelines sample with keeps the padding the model sees the same.
+T5_MAX_LENGTH = 512
+MLP_RATIO = 4  # FLUX.1 single-block MLP width / model width (linear1 holds q, k, v and the MLP input)
+
+
+class FluxOptions(Section):
+    """FLUX-only recipe keys, under `model.flux`."""
+
+    guidance_scale: float = Field(1.0, ge=0.0, description=(
+        "Guidance embedding during training ([dev] only; [schnell] has none). 1.0 is what kohya's sd-scripts "
+        "and ai-toolkit recommend; diffusers' example uses 3.5. Sampling still uses validation.guidance_scale."))
+    timestep_sampling: Literal["logit_normal", "uniform", "mode"] = Field("logit_normal", description=(
+        "How sigma is drawn per image: logit_normal = sigmoid of a normal (SD3/FLUX; kohya's 'sigmoid'), "
+        "uniform, or mode (SD3 paper's mode sampling)."))
+    logit_mean: float = Field(0.0, description="logit_normal: mean of the normal.")
+    logit_std: float = Field(1.0, gt=0, description="logit_normal: its standard deviation (kohya's sigmoid_scale).")
+    mode_scale: float = Field(1.29, description="mode: the SD3 paper's scale.")
+    timestep_shift: Literal["auto"] | Annotated[float, Field(gt=0)] = Field("auto", description=(
+        "Shift sigma toward noise: auto = as the model samples (resolution-dependent for [dev], like kohya's "
+        "flux_shift; none for [schnell]); a number = that fixed shift (kohya's discrete_flow_shift, e.g. 3.1582); "
+        "1 = none."))
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none", description="Per-sample loss weights from the SD3 paper (diffusers' compute_loss_weighting_for_sd3).")
+    quantize: Literal["none", "int8", "nf4"] = Field("none", description=(
+        "Load the frozen transformer 8-bit or 4-bit NF4 through bitsandbytes (QLoRA); needs a CUDA GPU."))
+
+
+def flux_options(model_cfg) -> FluxOptions:
+    """The FLUX options of a recipe's `model` section (defaults for a bare ModelConfig-like object)."""
+    opts = getattr(model_cfg, "flux", None)
+    if opts is None:
+        return FluxOptions()
+    return opts if isinstance(opts, FluxOptions) else FluxOptions.model_validate(opts)
+
+
+# peft matches a string target as a regular expression on the whole module name. A list of suffixes
+# cannot say "proj_out of the single blocks" without also catching the final layer's proj_out.
+LORA_TARGETS = (
+    r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))"
+    r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))"
+)
+
+# diffusers module -> BFL module, for the kohya/ComfyUI names. Fused BFL weights list their parts
+# in row order (each part `inner` rows; the single-block MLP part MLP_RATIO * inner).
+_DOUBLE_FUSED = {
+    "attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
+    "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
+    "attn.add_v_proj": ("txt_attn.qkv", 2),
+}
+_DOUBLE = {
+    "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+    "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+    "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+}
+_SINGLE_FUSED = {"attn.to_q": 0, "attn.to_k": 1, "attn.to_v": 2, "proj_mlp": 3}
+_SINGLE = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
+_TOP = {
+    "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
+}
+
+
+def bfl_module(name: str, inner: int) -> tuple[str, int, int | None, bool] | None:
+    """Where a diffusers FluxTransformer2DModel Linear lives in the original checkpoint:
+    (BFL module, first row, rows of the fused BFL weight or None when not fused, whether the two
+    output halves swap), or None for a module the original has no counterpart for. `inner` is the
+    model width (the in_features of every q/k/v projection)."""
+    m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", name)
+    if m:
+        i, rest = m.groups()
+        if rest in _DOUBLE_FUSED:
+            bfl, k = _DOUBLE_FUSED[rest]
+            return f"double_blocks.{i}.{bfl}", k * inner, 3 * inner, False
+        return (f"double_blocks.{i}.{_DOUBLE[rest]}", 0, None, False) if rest in _DOUBLE else None
+    m = re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)", name)
+    if m:
+        i, rest = m.groups()
+        if rest in _SINGLE_FUSED:
+            return f"single_blocks.{i}.linear1", _SINGLE_FUSED[rest] * inner, (3 + MLP_RATIO) * inner, False
+        return (f"single_blocks.{i}.{_SINGLE[rest]}", 0, None, False) if rest in _SINGLE else None
+    if name in _TOP:
+        # diffusers' AdaLayerNormContinuous emits (scale, shift); BFL's final layer (shift, scale).
+        return _TOP[name], 0, None, name == "norm_out.linear"
+    return None
+
+
+def flux_to_kohya(state, alpha: float) -> dict[str, torch.Tensor]:
+    """A peft LoRA of FluxTransformer2DModel -> kohya's FLUX layout (`lora_unet_<BFL name>`).
+
+    LoRAs on parts of one fused BFL weight (q, k, v; and the MLP input in single blocks) become one
+    LoRA on that weight (`fuse_lora`: stacked downs, block-diagonal up). Its rank is the sum of the
+    parts' ranks, so its alpha is alpha * (number of parts): every part keeps peft's alpha / r."""
+    from ..export.lora import fuse_lora, peft_lora_pairs
+
+    pairs = peft_lora_pairs({re.sub(r"^transformer\.", "", k): v for k, v in state.items()}, "transformer LoRA")
+    groups: dict[str, list] = {}
+    rows: dict[str, int] = {}
+    for module, (a, b) in pairs.items():
+        target = bfl_module(module, inner=a.shape[1])
+        if target is None:
+            raise ValueError(f"transformer LoRA: {module} has no counterpart in the original FLUX.1 layout "
+                             f"that ComfyUI and webui load; leave it out of method.target_modules")
+        bfl, row, fused_rows, swap = target
+        if swap:
+            b = torch.cat(b.chunk(2, dim=0)[::-1])
+        groups.setdefault(bfl, []).append((a, b, row))
+        rows[bfl] = fused_rows or b.shape[0]
+    out: dict[str, torch.Tensor] = {}
+    for bfl, parts in sorted(groups.items()):
+        parts.sort(key=lambda p: p[2])
+        rank = parts[0][0].shape[0]
+        if any(a.shape[0] != rank for a, _, _ in parts):
+            raise ValueError(f"transformer LoRA: the parts of {bfl} have different ranks; one kohya alpha cannot hold them")
+        down, up = fuse_lora(parts, rows[bfl])
+        written_alpha = float(alpha) * len(parts)
+        if bfl.startswith("final_layer."):
+            # diffusers' kohya reader ignores alpha on the final layer: fold the scale into the weights.
+            up, written_alpha = up * (float(alpha) / rank), float(rank)
+        name = "lora_unet_" + bfl.replace(".", "_")
+        out[f"{name}.lora_down.weight"] = down
+        out[f"{name}.lora_up.weight"] = up
+        out[f"{name}.alpha"] = torch.tensor(written_alpha, dtype=torch.float32)
+    return out
+
+
+@register_family("flux")
+class FluxFamily(Family):
+    name = "flux"
+    pipeline_class_names = ("FluxPipeline",)
+    Options = FluxOptions  # this family's own recipe section (proposed: `model.flux`)
+    # Every Linear of the double- and single-stream blocks except the AdaLN modulations: kohya's FLUX
+    # coverage (img/txt attention q/k/v and output, both MLPs; single blocks' linear1 and linear2)
+    # in diffusers' names, and a superset of diffusers' example (which leaves single blocks' MLP and
+    # output projections out). The modulations (norm*.linear) see only the timestep, guidance and
+    # pooled-text vector, so a LoRA there shifts every token alike, and they would add 30% more
+    # parameters; kohya and ai-toolkit train them, diffusers' example does not.
+    lora_targets = LORA_TARGETS
+    text_encoder_lora_targets = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP-L attention
+    trainable_text_encoders = ("text_encoder",)  # CLIP-L; T5-XXL always stays frozen
+    kohya_text_encoder_prefixes = {"text_encoder": "lora_te1"}  # kohya's FLUX trainer; ComfyUI maps it to clip_l
+    kohya_base_model_version = "flux1"  # what kohya's sd-scripts writes for FLUX.1 (dev and schnell)
+    default_resolution = 1024
+    denoiser_component = "transformer"
+
+    @property
+    def pipeline_class(self):
+        from diffusers import FluxPipeline
+
+        return FluxPipeline
+
+    def load(self, source: ModelSource, cfg) -> Components:
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+        opts = flux_options(cfg)
+        if source.kind == "single_file" and not cfg.config:
+            # FLUX single files (flux1-dev.safetensors) hold the transformer only.
+            raise FinetuneError(f"model.config: {source.label} holds only FLUX's transformer; set model.config "
+                                "to a FLUX diffusers folder or hub id (black-forest-labs/FLUX.1-dev) for the rest")
+        components = {}
+        if getattr(cfg, "vae", None):
+            components["vae"] = self._load_vae(cfg)
+        try:
+            if opts.quantize != "none":
+                components["transformer"] = self._quantized_transformer(source, cfg, opts.quantize)
+            elif source.kind == "single_file":
+                components["transformer"] = FluxTransformer2DModel.from_single_file(
+                    source.location, config=cfg.config, subfolder="transformer")
+            if source.kind == "single_file":
+                pipe = self.pipeline_class.from_pretrained(cfg.config, revision=cfg.revision, **components)
+            else:
+                pipe = self.pipeline_class.from_pretrained(
+                    source.location, revision=cfg.revision, variant=cfg.variant,
+                    use_safetensors=None if cfg.allow_pickle else True, **components)
+        except (OSError, ValueError, EnvironmentError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FinetuneError(f"model.base: cannot load {source.label} as FLUX.1: {first}") from e
+        transformer = pipe.transformer
+        return Components(
+            pipeline=pipe, denoiser=transformer, vae=pipe.vae,
+            text_encoders={"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2},
+            tokenizers={"text_encoder": pipe.tokenizer, "text_encoder_2": pipe.tokenizer_2},
+            noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config), source=source,
+            # Read here, not from the denoiser later: accelerate may wrap it (DDP has no .config).
+            extras={"flux": opts, "guidance_embeds": bool(transformer.config.guidance_embeds),
+                    "vae_scale_factor": pipe.vae_scale_factor},
+        )
+
+    def _load_vae(self, cfg):
+        from diffusers import AutoencoderKL
+
+        try:
+            sub = "vae" if (Path(cfg.vae).expanduser() / "vae").is_dir() else None
+            vae = AutoencoderKL.from_pretrained(cfg.vae, subfolder=sub, use_safetensors=None if cfg.allow_pickle else True)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FinetuneError(f"model.vae: cannot load {cfg.vae}: {first}") from e
+        if vae.config.latent_channels != 16:
+            raise FinetuneError(f"model.vae: {cfg.vae} has {vae.config.latent_channels} latent channels; FLUX.1 needs "
+                                "a 16-channel VAE (its own, or one trained for it)")
+        return vae
+
+    def _quantized_transformer(self, source: ModelSource, cfg, kind: str):
+        if not torch.cuda.is_available():
+            raise FinetuneError(f"model.flux.quantize: {kind} loading needs a CUDA GPU (bitsandbytes); "
+                                "set model.flux.quantize=none on this machine")
+        try:
+            from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
+            from peft import prepare_model_for_kbit_training
+        except ImportError as e:
+            raise FinetuneError(f"model.flux.quantize: {e}; pip install bitsandbytes") from e
+        if kind == "int8":
+            qc = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        common = dict(quantization_config=qc, torch_dtype=torch.bfloat16)
+        if source.kind == "single_file":
+            transformer = FluxTransformer2DModel.from_single_file(source.location, config=cfg.config,
+                                                                  subfolder="transformer", **common)
+        else:
+            transformer = FluxTransformer2DModel.from_pretrained(source.location, subfolder="transformer",
+                                                                 revision=cfg.revision, variant=cfg.variant, **common)
+        # As diffusers' QLoRA examples do: the few unquantized weights (norms, embedders) in fp32, no
+        # checkpointing hooks here (training.gradient_checkpointing decides that).
+        return prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
+
+    def encode_images(self, c: Components, pixels: torch.Tensor) -> torch.Tensor:
+        vae = c.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
+        return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+    def encode_prompts(self, c: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        clip, t5 = c.text_encoders["text_encoder"], c.text_encoders["text_encoder_2"]
+        tok, tok2 = c.tokenizers["text_encoder"], c.tokenizers["text_encoder_2"]
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        pooled = clip(ids.to(_device(clip)), output_hidden_states=False).pooler_output
+        ids2 = tok2(captions, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True,
+                    return_tensors="pt").input_ids
+        with torch.no_grad():  # T5 never trains
+            hidden = t5(ids2.to(_device(t5)), output_hidden_states=False)[0]
+        return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
+
+    def count_truncated(self, c: Components, captions: list[str]) -> int:
+        # T5 carries the prompt; CLIP-L gives only a pooled summary, so its 77-token cut matters little.
+        tok = c.tokenizers["text_encoder_2"]
+        return sum(len(tok(cap).input_ids) > T5_MAX_LENGTH for cap in captions)
+
+    def sample_noisy(self, c: Components, latents: torch.Tensor, noise_offset: float = 0.0):
+        # 2x2 packing needs even latent sides; small buckets (8-pixel steps) can give odd ones, and
+        # dropping one latent row/column (8 pixels) costs less than refusing the image.
+        h, w = latents.shape[-2] // 2 * 2, latents.shape[-1] // 2 * 2
+        if h == 0 or w == 0:
+            raise FinetuneError(f"FLUX needs images of at least 16x16 pixels; got latents of {tuple(latents.shape[-2:])}")
+        latents = latents[..., :h, :w]
+        noise = torch.randn_like(latents)
+        if noise_offset:
+            noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
+                                                       device=latents.device, dtype=latents.dtype)
+        sigmas = self.sample_sigmas(c, latents.shape[0], image_seq_len=(h // 2) * (w // 2), device=latents.device)
+        s = sigmas.view(-1, 1, 1, 1).to(latents.dtype)
+        noisy = (1.0 - s) * latents + s * noise
+        timesteps = sigmas * c.noise_scheduler.config.num_train_timesteps
+        return noisy, timesteps, noise - latents
+
+    def sample_sigmas(self, c: Components, n: int, image_seq_len: int, device=None) -> torch.Tensor:
+        """n noise levels in (0, 1), drawn and shifted as the options say (float32)."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        opts: FluxOptions = c.extras["flux"]
+        scheme = "none" if opts.timestep_sampling == "uniform" else opts.timestep_sampling
+        sigmas = compute_density_for_timestep_sampling(scheme, n, logit_mean=opts.logit_mean, logit_std=opts.logit_std,
+                                                       mode_scale=opts.mode_scale).to(device, torch.float32)
+        sched = c.noise_scheduler
+        if opts.timestep_shift == "auto" and sched.config.use_dynamic_shifting:
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            cfg = sched.config
+            mu = calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
+            return sched.time_shift(mu, 1.0, sigmas)
+        shift = sched.config.shift if opts.timestep_shift == "auto" else opts.timestep_shift
+        return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+    def predict(self, c: Components, noisy, timesteps, cond) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        b, ch, h, w = noisy.shape
+        dtype, device = noisy.dtype, noisy.device
+        prompt_embeds = cond["prompt_embeds"].to(device, dtype)
+        guidance = None
+        if c.extras["guidance_embeds"]:
+            guidance = torch.full((b,), c.extras["flux"].guidance_scale, device=device, dtype=torch.float32)
+        out = c.denoiser(
+            hidden_states=FluxPipeline._pack_latents(noisy, b, ch, h, w),
+            timestep=(timesteps / c.noise_scheduler.config.num_train_timesteps).to(dtype),
+            guidance=guidance,
+            pooled_projections=cond["pooled_prompt_embeds"].to(device, dtype),
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype),
+            return_dict=False,
+        )[0]
+        vae_scale = c.extras["vae_scale_factor"]
+        return FluxPipeline._unpack_latents(out, h * vae_scale, w * vae_scale, vae_scale)
+
+    def loss_weights(self, c: Components, timesteps, min_snr_gamma):
+        if min_snr_gamma:
+            raise FinetuneError("training.min_snr_gamma: Min-SNR weighting is for epsilon/v-prediction models; FLUX "
+                                "trains with flow matching (unset it; model.flux.loss_weighting has its weightings)")
+        scheme = c.extras["flux"].loss_weighting
+        if scheme == "none":
+            return None
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        sigmas = timesteps.float() / c.noise_scheduler.config.num_train_timesteps
+        return compute_loss_weighting_for_sd3(scheme, sigmas)
+
+    def kohya_lora(self, denoiser_state, text_encoder_states, denoiser_alpha, text_encoder_alphas):
+        from ..export.lora import peft_to_kohya
+
+        out = flux_to_kohya(denoiser_state, denoiser_alpha) if denoiser_state else {}
+        te_states = {n: s for n, s in (text_encoder_states or {}).items() if s}
+        if te_states:
+            out.update(peft_to_kohya(None, te_states, None, text_encoder_alphas, self.kohya_text_encoder_prefixes))
+        if not out:
+            raise ValueError("nothing to export: all LoRA state dicts are empty")
+        return out
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
