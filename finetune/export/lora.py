@@ -49,6 +49,7 @@ _MODELSPEC = {
     "sd_v2": ("stable-diffusion-v2-512/lora", "512x512", "epsilon"),
     "sd_v2_v": ("stable-diffusion-v2-768-v/lora", "768x768", "v"),
     "sdxl_base_v1-0": ("stable-diffusion-xl-v1-base/lora", "1024x1024", "epsilon"),
+    "flux1": ("flux-1-dev/lora", "1024x1024", None),  # kohya writes no prediction type for FLUX
 }
 
 
@@ -278,8 +279,9 @@ def kohya_metadata(
             "modelspec.title": title or output_name or "LoRA",
             "modelspec.resolution": reso,
             "modelspec.date": datetime.fromtimestamp(int(ts), tz=timezone.utc).isoformat(),
-            "modelspec.prediction_type": prediction,
         })
+        if prediction:
+            meta["modelspec.prediction_type"] = prediction
         if author:
             meta["modelspec.author"] = author
         if description:
