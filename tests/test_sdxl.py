@@ -230,3 +230,11 @@ def test_a_user_chosen_vae_replaces_the_models_own(tiny_sdxl, tmp_path):
     r["output"]["run_name"] = "r2"
     with pytest.raises(FinetuneError, match="model.vae: cannot load"):
         train(validate(r, "test"), log=lambda *_: None, progress=False)
+
+
+def test_unet_and_each_text_encoder_have_their_own_learning_rate(tiny_sdxl, tmp_path):
+    data = make_image_folder(tmp_path / "data", n=2, sizes=((64, 64),))
+    r = tiny_recipe(tiny_sdxl, data, tmp_path / "out", training__max_steps=1)
+    r["method"].update(train_text_encoder=True, text_encoder_lr=3e-5, text_encoder_2_lr=1e-5)
+    result = train(validate(r, "test"), log=lambda *_: None, progress=False)
+    assert [g["lr"] for g in result.optimizer.param_groups] == [1e-3, 3e-5, 1e-5]

@@ -25,6 +25,8 @@ class LoraConfig(Section):
     text_encoder_alpha: float | None = Field(None, gt=0)
     text_encoder_target_modules: list[str] | None = None
     text_encoder_lr: float | None = Field(None, gt=0, description="Text-encoder learning rate; default = training.learning_rate.")
+    text_encoder_2_lr: float | None = Field(
+        None, gt=0, description="The second text encoder's rate (SDXL's OpenCLIP bigG); default = text_encoder_lr.")
     init_lora_weights: Literal["default", "gaussian"] = "default"
 
 
@@ -58,6 +60,7 @@ class LoraMethod(Method):
         self.text_encoder_configs = {}
         if self.cfg.train_text_encoder:
             te_lr = self.cfg.text_encoder_lr or self.training.learning_rate
+            lrs = {"text_encoder_2": self.cfg.text_encoder_2_lr or te_lr}
             for name in self.family.trainable_text_encoders or list(c.text_encoders):
                 te = c.text_encoders[name]
                 config = self._peft_config(
@@ -66,7 +69,7 @@ class LoraMethod(Method):
                     self.cfg.text_encoder_target_modules or self.family.text_encoder_lora_targets)
                 te.add_adapter(config)
                 self.text_encoder_configs[name] = config
-                groups.append({"params": [p for p in te.parameters() if p.requires_grad], "lr": te_lr})
+                groups.append({"params": [p for p in te.parameters() if p.requires_grad], "lr": lrs.get(name, te_lr)})
         return groups
 
     def trainable_modules(self, c) -> list[torch.nn.Module]:
