@@ -138,6 +138,8 @@ class Family:
     default_resolution: ClassVar[int] = 512
     # The denoiser's name in the diffusers pipeline and its LoRA files ("unet", "transformer").
     denoiser_component: ClassVar[str] = "unet"
+    # The apps that load this family's kohya-layout files (named in model cards).
+    kohya_apps: ClassVar[str] = "ComfyUI, AUTOMATIC1111 and Forge"
     # Text encoder -> tensor name in a webui/ComfyUI embedding file (textual inversion).
     embedding_keys: ClassVar[dict[str, str]] = {"text_encoder": "emb_params"}
 

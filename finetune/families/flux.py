@@ -180,6 +180,7 @@ class FluxFamily(Family):
     text_encoder_lora_targets = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP-L attention
     trainable_text_encoders = ("text_encoder",)  # CLIP-L; T5-XXL always stays frozen
     kohya_text_encoder_prefixes = {"text_encoder": "lora_te1"}  # kohya's FLUX trainer; ComfyUI maps it to clip_l
+    kohya_apps = "ComfyUI and Forge"  # AUTOMATIC1111 does not run FLUX
     kohya_base_model_version = "flux1"  # what kohya's sd-scripts writes for FLUX.1 (dev and schnell)
     default_resolution = 1024
     denoiser_component = "transformer"

@@ -110,7 +110,7 @@ class LoraMethod(Method):
     def describe_file(self, path: Path) -> str:
         if path.name == DIFFUSERS_WEIGHT_NAME:
             return "diffusers/peft format: `pipe.load_lora_weights(run_folder)`"
-        return "kohya format for ComfyUI, AUTOMATIC1111 and Forge (copy into `models/loras`)"
+        return f"kohya format for {self.family.kohya_apps} (copy into `models/loras`)"
 
     def usage(self, pipeline_class, load_base, run_dir, files, prompt):
         lines = super().usage(pipeline_class, load_base, run_dir, files, prompt)
