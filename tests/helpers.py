@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 
@@ -44,3 +45,26 @@ def tiny_recipe(model_dir, data_dir, out_dir, **overrides) -> dict:
         section, name = key.split("__")
         r[section][name] = value
     return r
+
+
+def latents_and_captions(family, c, data_dir):
+    from finetune.data import ImageCaptionDataset, discover_examples
+    from finetune.recipe.schema import DataConfig
+
+    cfg = DataConfig(path=str(data_dir), resolution=64, bucketing={"enabled": False})
+    ds = ImageCaptionDataset(discover_examples(cfg), cfg, seed=0)
+    items = [ds[i] for i in range(len(ds))]
+    pixels = torch.stack([it["pixel_values"] for it in items])
+    with torch.no_grad():
+        latents = family.encode_images(c, pixels)
+    return latents, [it["caption"] for it in items]
+
+
+def loss_before_and_after(family, c, data_dir, run_dir) -> tuple[float, float]:
+    """Fixed-noise loss on the training images with the base model, then with the run's LoRA loaded."""
+    from finetune.train.evaluate import fixed_noise_loss
+
+    latents, captions = latents_and_captions(family, c, data_dir)
+    before = fixed_noise_loss(family, c, latents, captions)
+    c.pipeline.load_lora_weights(str(run_dir))
+    return before, fixed_noise_loss(family, c, latents, captions)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from finetune.recipe import validate
 from finetune.train import train
 
-from .helpers import make_image_folder, tiny_recipe
+from .helpers import loss_before_and_after, make_image_folder, tiny_recipe
 
 
 def run(tmp_path, model, name="run", **overrides):
@@ -18,19 +18,6 @@ def run(tmp_path, model, name="run", **overrides):
     r = tiny_recipe(model, data, tmp_path / "outputs", **overrides)
     r["output"]["run_name"] = name
     return train(validate(r, "test"), log=lambda *_: None, progress=False)
-
-
-def latents_and_captions(family, c, data_dir):
-    from finetune.data import ImageCaptionDataset, discover_examples
-    from finetune.recipe.schema import DataConfig
-
-    cfg = DataConfig(path=str(data_dir), resolution=64, bucketing={"enabled": False})
-    ds = ImageCaptionDataset(discover_examples(cfg), cfg, seed=0)
-    items = [ds[i] for i in range(len(ds))]
-    pixels = torch.stack([it["pixel_values"] for it in items])
-    with torch.no_grad():
-        latents = family.encode_images(c, pixels)
-    return latents, [it["caption"] for it in items]
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +36,11 @@ def test_loss_on_training_images_falls(trained, tiny_sd15):
     from finetune.families import get_family
     from finetune.families.base import resolve_source
     from finetune.recipe.schema import ModelConfig
-    from finetune.train.evaluate import fixed_noise_loss
 
     result, data_dir = trained
     family = get_family("sd1")
     c = family.load(resolve_source(str(tiny_sd15)), ModelConfig(base=str(tiny_sd15)))
-    latents, captions = latents_and_captions(family, c, data_dir)
-    before = fixed_noise_loss(family, c, latents, captions)
-    c.pipeline.load_lora_weights(str(result.run_dir))
-    after = fixed_noise_loss(family, c, latents, captions)
+    before, after = loss_before_and_after(family, c, data_dir, result.run_dir)
     assert after < 0.8 * before, (before, after)
     # The training loss the loop logged falls too (mean of the last 10 steps vs the first 10).
     assert sum(result.losses[-10:]) < sum(result.losses[:10])

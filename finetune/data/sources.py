@@ -102,10 +102,7 @@ def looks_like_hub_dataset(raw: str) -> bool:
 
 
 def resolve_data_path(raw: str, base_dir: Path | None) -> Path:
-    return _resolve(raw, base_dir)
-
-
-def _resolve(raw: str, base_dir: Path | None) -> Path:
+    """data.path as given if it exists, else relative to the recipe's folder."""
     path = Path(raw).expanduser()
     if not path.is_absolute() and not path.exists() and base_dir is not None:
         candidate = Path(base_dir) / path
