@@ -18,7 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 _state = {"debug": False}
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(models: bool) -> None:
     # Library chatter (torchvision fallbacks, progress of weight loading) drowns our own messages.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -30,6 +30,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     for name in ("bitsandbytes", "transformers", "diffusers", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if not models:
+        return  # the commands that read only YAML and images stay free of torch and diffusers
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 
@@ -38,8 +40,9 @@ def _quiet_libraries() -> None:
 
 
 @contextlib.contextmanager
-def _guard():
-    _quiet_libraries()
+def _guard(models: bool = False):
+    """One `error:` line per problem instead of a traceback. `models`: the command loads a model."""
+    _quiet_libraries(models)
     try:
         yield
     except FinetuneError as e:
@@ -87,7 +90,7 @@ def train(
              "or checkpoint folder."),
 ):
     """Train an adapter from RECIPE. Extra KEY=VALUE arguments override recipe keys."""
-    with _guard():
+    with _guard(models=True):
         from .recipe import load_recipe
         from .train import train as run_training
 
@@ -154,7 +157,7 @@ def generate(
     no_hooks: bool = typer.Option(False, "--no-hooks", help="Turn every output hook off (no provenance, no watermark)."),
 ):
     """Generate images with a base model and optional LoRA adapters; every image passes the output hooks."""
-    with _guard():
+    with _guard(models=True):
         from .generate import generate as run_generate
 
         paths = run_generate(prompts=prompt, base=base, loras=lora, n=n, seed=seed, steps=steps, guidance=guidance,
@@ -267,7 +270,7 @@ def _dataset_settings(path: str, recipe: str | None, resolution: int | None, bas
 @app.command("tiny-model")
 def tiny_model(folder: Path = typer.Argument(..., help="Where to write the tiny SD1.5 diffusers folder.")):
     """Build the tiny, shape-faithful SD1.5 used by the tests and the quickstart."""
-    with _guard():
+    with _guard(models=True):
         from .testing import build_tiny_sd15
 
         typer.echo(str(build_tiny_sd15(folder)))

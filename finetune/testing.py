@@ -14,8 +14,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from .cache import cache_dir
 
 TINY_SD15 = "tiny-sd15"
@@ -65,6 +63,7 @@ SIZES = {
 
 def build_tiny_sd15(folder: str | os.PathLike, seed: int = 0, prediction_type: str = "epsilon", size: str = "tiny"):
     """Build an SD1.5-shaped pipeline, save it as a diffusers folder at `folder`, return the path."""
+    import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 

@@ -30,3 +30,45 @@ def tiny_sd15(tmp_path_factory):
     from finetune.testing import build_tiny_sd15
 
     return build_tiny_sd15(tmp_path_factory.mktemp("models") / "tiny-sd15")
+
+
+TINY_BASES = {"sd1": "builtin:tiny-sd15", "sdxl": "builtin:tiny-sdxl", "flux": "builtin:tiny-flux"}
+TOKEN = "<sks-ball>"
+
+
+def _method_section(method: str) -> dict:
+    lora = {"rank": 4, "alpha": 4, "train_text_encoder": True, "text_encoder_lr": 1e-3}
+    # "x": the tiny byte-level tokenizers make every longer word several tokens.
+    ti = {"placeholder_token": TOKEN, "initializer_token": "x", "num_vectors": 2}
+    return {"lora": {"type": "lora", **lora}, "textual_inversion": {"type": "textual_inversion", **ti},
+            "pivotal": {"type": "pivotal", **lora, **ti}, "dreambooth": {"type": "dreambooth"}}[method]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """`tiny_run(family, method)`: a run folder of a few training steps of `method` on the family's
+    built-in tiny model (the path a user's `builtin:` base takes), trained once per session."""
+    from finetune.recipe import validate
+    from finetune.train import train
+
+    from .helpers import make_image_folder
+
+    runs = {}
+
+    def make(family: str, method: str) -> Path:
+        if (family, method) not in runs:
+            tmp = tmp_path_factory.mktemp(f"{family}-{method}")
+            data = make_image_folder(tmp / "data", n=4, sizes=((64, 64),), caption=f"a photo of {TOKEN} ball")
+            recipe = {
+                "model": {"base": TINY_BASES[family]},
+                "data": {"path": str(data), "resolution": 64},
+                "method": _method_section(method),
+                "training": {"max_steps": 3, "batch_size": 2, "learning_rate": 1e-3, "seed": 0},
+                "validation": {"num_inference_steps": 2, "guidance_scale": 3.0},
+                "output": {"dir": str(tmp / "out"), "run_name": f"{family}-{method}", "save_dtype": "fp32",
+                           "trigger_words": [f"a photo of {TOKEN} ball"]},
+            }
+            runs[family, method] = train(validate(recipe, "test"), log=lambda *_: None, progress=False).run_dir
+        return runs[family, method]
+
+    return make

@@ -22,7 +22,8 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("name", RECIPES)
+# The quickstarts (one per family) are in the smoke set scripts/check_latest_deps.sh runs.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.smoke) if "quickstart" in n else n for n in RECIPES])
 def test_bundled_recipe_trains_the_tiny_model(name, tiny_sd15, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # recipes point at datasets/robot, relative to the repository
     recipe, _ = load_recipe(name)

@@ -119,3 +119,25 @@ def test_quickstart_recipe_runs_through_overrides_alone(tmp_path):
                "validation.num_inference_steps=2", "--no-progress")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "q" / "q.safetensors").is_file()
+
+
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft")
+
+
+@pytest.mark.parametrize("args", [["validate", "sd15-lora"], ["validate", "sdxl-brand", "method.rank=4"],
+                                  ["validate", "flux-lora"], ["recipes"], ["--help"],
+                                  ["dataset", "check", "datasets/robot"]])
+def test_commands_without_a_model_import_no_model_library(args):
+    """Answering about a YAML file or a folder of images needs neither torch nor diffusers (seconds
+    and hundreds of MB on a small machine); each command runs in a fresh interpreter to see that."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    code = ("import sys\nfrom finetune.cli import run\nsys.argv = ['finetune', *sys.argv[1:]]\n"
+            "try:\n    run()\nexcept SystemExit as e:\n    code = e.code\n"
+            f"print('loaded:', ','.join(m for m in {HEAVY!r} if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "loaded:", f"{' '.join(args)}: {r.stdout[-300:]}"

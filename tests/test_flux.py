@@ -93,6 +93,7 @@ def test_lora_training_lowers_the_loss_on_the_training_images(trained, tiny_flux
     assert sum(result.losses[-5:]) < sum(result.losses[:5])
 
 
+@pytest.mark.smoke
 def test_diffusers_file_loads_into_every_module_and_changes_the_output(trained, tiny_flux):
     result, _ = trained
     pipe = _pipe(tiny_flux)
@@ -195,6 +196,7 @@ def test_kohya_file_applies_in_comfyui_as_the_trained_lora(trained):
 
 
 # The partial file's adapter config still names the modules left out; peft says so.
+@pytest.mark.smoke
 @pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters")
 def test_kohya_file_loads_in_diffusers_to_the_same_model(trained, tiny_flux):
     """diffusers converts kohya FLUX files itself; the result must equal the diffusers file. Its
@@ -257,8 +259,9 @@ def test_kohya_layout_reads_back_in_diffusers_at_full_flux_width(targets):
 
     for m, (i, _) in shapes.items():
         x = torch.randn(i, 4, generator=g)
-        torch.testing.assert_close(applied(back, m, x), alpha / rank * applied(state, m, x), rtol=1e-4, atol=1e-3,
-                                   msg=m)
+        want = alpha / rank * applied(state, m, x)
+        # Sums over 12288 inputs reach ~1e3: float32 rounding is relative to that scale, not to each element.
+        torch.testing.assert_close(applied(back, m, x), want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=m)
     # Fused parts no module covered come back as LoRAs whose update is zero.
     for m in {k.rsplit(".lora_", 1)[0] for k in back} - set(shapes):
         assert not torch.any(back[f"{m}.lora_B.weight"] @ back[f"{m}.lora_A.weight"][:, :8]), m

@@ -72,6 +72,7 @@ def test_lora_training_lowers_the_loss_on_the_training_images(trained, tiny_sdxl
     assert after < 0.95 * before, (before, after)
 
 
+@pytest.mark.smoke
 def test_both_files_load_with_diffusers_and_agree(trained, tiny_sdxl):
     result, _ = trained
     run = result.run_dir
@@ -132,6 +133,7 @@ def ti_run(tiny_sdxl, tmp_path_factory):
     return train(validate(r, "test"), log=lambda *_: None, progress=False)
 
 
+@pytest.mark.smoke
 def test_textual_inversion_learns_a_token_in_both_encoders_and_loads_in_diffusers(ti_run, tiny_sdxl):
     from safetensors.torch import load_file
 
@@ -178,6 +180,7 @@ def test_pivotal_tuning_on_sdxl_saves_both_halves(tiny_sdxl, tmp_path):
             "run.safetensors", "run-emb.safetensors"} <= names
 
 
+@pytest.mark.smoke
 def test_dreambooth_on_sdxl_writes_a_single_file_diffusers_reads_back(tiny_sdxl, tmp_path):
     """Full fine-tune: the original-layout single file (SGM keys, bigG in OpenCLIP layout) loads
     with StableDiffusionXLPipeline.from_single_file and holds the trained UNet and encoders."""

@@ -222,6 +222,7 @@ def test_tensors_land_at_the_matching_original_positions(exported, trained):
 # round trip through diffusers' reader
 
 
+@pytest.mark.smoke
 def test_unet_round_trip_carries_the_trained_weights(trained, reloaded, tiny_sd15):
     inputs = _unet_inputs(trained.unet)
     expected = _unet_out(trained.unet, inputs)
@@ -238,6 +239,7 @@ def test_vae_round_trip_encode_and_decode(trained, reloaded):
     torch.testing.assert_close(got_decoded, decoded, **FP32)
 
 
+@pytest.mark.smoke
 def test_text_encoder_round_trip(trained, reloaded):
     torch.testing.assert_close(_te_out(reloaded.text_encoder), _te_out(trained.text_encoder), **FP32)
 

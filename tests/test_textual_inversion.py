@@ -106,6 +106,7 @@ def test_only_the_new_rows_change(trained, tiny_sd15):
     assert torch.count_nonzero(state["exp_avg_sq"][others]) == 0
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("fmt", ["diffusers", "webui"])
 def test_saved_embedding_loads_in_a_fresh_pipeline_and_changes_its_output(trained, tiny_sd15, fmt):
     c = trained.components

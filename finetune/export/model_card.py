@@ -6,7 +6,6 @@ from pathlib import Path
 
 from .. import __version__
 
-
 METHOD_NAMES = {"lora": "LoRA", "dreambooth": "DreamBooth (full fine-tune)", "textual_inversion": "textual-inversion"}
 
 
@@ -15,6 +14,26 @@ def _trigger_words(recipe) -> list[str]:
     if recipe.data.instance_prompt and not words:
         words.append(recipe.data.instance_prompt)
     return words
+
+
+def _generate_line(recipe, prompt: str) -> str:
+    """The pipeline call with the settings the run's samples were made with."""
+    v = recipe.validation
+    args = [repr(prompt), f"num_inference_steps={v.num_inference_steps}", f"guidance_scale={v.guidance_scale}",
+            f"width={v.width or recipe.data.resolution}", f"height={v.height or recipe.data.resolution}"]
+    if v.negative_prompt:
+        args.insert(1, f"negative_prompt={v.negative_prompt!r}")
+    return f"image = pipe({', '.join(args)}).images[0]"
+
+
+def _webui_line(family, kohya: str) -> str:
+    """Where the kohya-layout LoRA goes in the apps that load this family (AUTOMATIC1111 runs no FLUX)."""
+    prompt_apps = [app for app in ("AUTOMATIC1111", "Forge") if app in family.kohya_apps]
+    parts = [f"In {'/'.join(prompt_apps)}: copy `{kohya}` into `models/Lora` and add `<lora:{Path(kohya).stem}:1>` "
+             "to the prompt."] if prompt_apps else []
+    if "ComfyUI" in family.kohya_apps:
+        parts.append(f"In ComfyUI: copy `{kohya}` into `models/loras` and pick it in a LoraLoader node.")
+    return " ".join(parts)
 
 
 def write_model_card(run_dir: Path, recipe, family, method, source, run_name: str, files: list[Path],
@@ -53,10 +72,12 @@ def write_model_card(run_dir: Path, recipe, family, method, source, run_name: st
         "## Use it",
         "",
         "```python",
-        *method.usage(cls, load, run_dir, files, (recipe.validation.prompts or triggers or ["a photo"])[0]),
+        *method.usage(cls, load, run_dir, files),
+        _generate_line(recipe, (recipe.validation.prompts or triggers or ["a photo"])[0]),
+        'image.save("sample.png")',
         "```",
         "",
-        *([f"In AUTOMATIC1111/Forge: add `<lora:{Path(kohya).stem}:1>` to the prompt."] if kohya else []),
+        *([_webui_line(family, kohya)] if kohya else []),
         "",
         "## Recipe summary",
         "",

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import torch
-from diffusers.training_utils import compute_snr
+from typing import TYPE_CHECKING
+
+# torch is imported inside the functions that run it: validating a recipe imports every plug-in
+# module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
+if TYPE_CHECKING:
+    import torch
 
 
 def sample_noisy(noise_scheduler, latents: torch.Tensor, noise_offset: float = 0.0):
+    import torch
+
     noise = torch.randn_like(latents)
     if noise_offset:
         # Offset noise (per sample and channel) lets the model learn very dark and bright images.
@@ -24,6 +30,9 @@ def sample_noisy(noise_scheduler, latents: torch.Tensor, noise_offset: float = 0
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    import torch
+    from diffusers.training_utils import compute_snr
+
     # Min-SNR-gamma (Hang et al. 2023): per-sample weight min(SNR, gamma) / SNR, over SNR + 1 for v-prediction.
     snr = compute_snr(noise_scheduler, timesteps)
     clipped = torch.clamp(snr, max=gamma)

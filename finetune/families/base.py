@@ -40,11 +40,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import FinetuneError
+
+# torch is imported inside the functions that run it: validating a recipe imports every plug-in
+# module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
+if TYPE_CHECKING:
+    import torch
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
@@ -86,9 +89,11 @@ def base_problem(base: str, allow_pickle: bool = False, offline_cache: bool = Tr
         return None
     if base.startswith((".", "/", "~")) or base.count("/") != 1:
         return f"{base} is neither an existing folder/file nor a hub id (owner/name)"
+    if not offline_cache:
+        return None
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if offline_cache and constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(base, "model_index.json"), str):
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(base, "model_index.json"), str):
         return (f"{base} is not in the local hub cache and HF_HUB_OFFLINE is set, so it cannot be downloaded; "
                 "use a local folder or .safetensors file, or go online once")
     return None

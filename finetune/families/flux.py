@@ -10,7 +10,7 @@ resolution-dependent shift for [dev] and none for [schnell].
 Only CLIP-L can take a LoRA besides the transformer; T5 always stays frozen and runs without
 gradients (with CLIP-L frozen too, the loop caches both encoders' outputs per caption).
 
-LoRA files for ComfyUI, Forge and webui use the original (BFL) module names with q/k/v fused, as
+LoRA files for ComfyUI and Forge use the original (BFL) module names with q/k/v fused, as
 kohya's FLUX trainer writes them: `lora_unet_double_blocks_0_img_attn_qkv`,
 `lora_unet_single_blocks_0_linear1` (q, k, v and the MLP input in one weight), `lora_te1_...` for
 CLIP-L. diffusers' FluxPipeline.load_lora_weights reads that layout too (at FLUX.1's real widths:
@@ -21,15 +21,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import torch
 from pydantic import Field
 
 from ..config_base import Section
 from ..errors import FinetuneError
 from . import register_family
 from .base import Components, Family, ModelSource
+
+# torch is imported inside the functions that run it: validating a recipe imports every plug-in
+# module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
+if TYPE_CHECKING:
+    import torch
 
 # FluxPipeline encodes prompts to this many T5 tokens unless told otherwise; training at the
 # length validation and users' pipelines sample with keeps the padding the model sees the same.
@@ -132,6 +136,8 @@ def flux_to_kohya(state, alpha: float) -> dict[str, torch.Tensor]:
     LoRAs on parts of one fused BFL weight (q, k, v; and the MLP input in single blocks) become one
     LoRA on that weight (`fuse_lora`: stacked downs, block-diagonal up). Its rank is the sum of the
     parts' ranks, so its alpha is alpha * (number of parts): every part keeps peft's alpha / r."""
+    import torch
+
     from ..export.lora import fuse_lora, peft_lora_pairs
 
     pairs = peft_lora_pairs({re.sub(r"^transformer\.", "", k): v for k, v in state.items()}, "transformer LoRA")
@@ -141,7 +147,7 @@ def flux_to_kohya(state, alpha: float) -> dict[str, torch.Tensor]:
         target = bfl_module(module, inner=a.shape[1])
         if target is None:
             raise ValueError(f"transformer LoRA: {module} has no counterpart in the original FLUX.1 layout "
-                             f"that ComfyUI and webui load; leave it out of method.target_modules")
+                             f"that ComfyUI and Forge load; leave it out of method.target_modules")
         bfl, row, fused_rows, swap = target
         if swap:
             b = torch.cat(b.chunk(2, dim=0)[::-1])
@@ -243,6 +249,8 @@ class FluxFamily(Family):
         return vae
 
     def _quantized_transformer(self, source: ModelSource, cfg, kind: str):
+        import torch
+
         if not torch.cuda.is_available():
             raise FinetuneError(f"model.flux.quantize: {kind} loading needs a CUDA GPU (bitsandbytes); "
                                 "set model.flux.quantize=none on this machine")
@@ -272,6 +280,8 @@ class FluxFamily(Family):
         return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
     def encode_prompts(self, c: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        import torch
+
         clip, t5 = c.text_encoders["text_encoder"], c.text_encoders["text_encoder_2"]
         tok, tok2 = c.tokenizers["text_encoder"], c.tokenizers["text_encoder_2"]
         ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -289,6 +299,8 @@ class FluxFamily(Family):
         return sum(len(tok(cap).input_ids) > T5_MAX_LENGTH for cap in captions)
 
     def sample_noisy(self, c: Components, latents: torch.Tensor, noise_offset: float = 0.0):
+        import torch
+
         # 2x2 packing needs even latent sides; small buckets (8-pixel steps) can give odd ones, and
         # dropping one latent row/column (8 pixels) costs less than refusing the image.
         h, w = latents.shape[-2] // 2 * 2, latents.shape[-1] // 2 * 2
@@ -307,6 +319,7 @@ class FluxFamily(Family):
 
     def sample_sigmas(self, c: Components, n: int, image_seq_len: int, device=None) -> torch.Tensor:
         """n noise levels in (0, 1), drawn and shifted as the options say (float32)."""
+        import torch
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         opts: FluxOptions = c.extras["flux"]
@@ -324,6 +337,7 @@ class FluxFamily(Family):
         return shift * sigmas / (1 + (shift - 1) * sigmas)
 
     def predict(self, c: Components, noisy, timesteps, cond) -> torch.Tensor:
+        import torch
         from diffusers import FluxPipeline
 
         b, ch, h, w = noisy.shape

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import FinetuneError
 from . import _ddpm, register_family
 from .base import Components, Family, ModelSource
+
+# torch is imported inside the functions that run it: validating a recipe imports every plug-in
+# module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
+if TYPE_CHECKING:
+    import torch
 
 
 @register_family("sd1")

@@ -10,11 +10,16 @@ which is what kohya's SDXL trainer writes and webui, Forge and ComfyUI expect.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from . import register_family
 from .base import Components
 from .sd1 import SD1Family
+
+# torch is imported inside the functions that run it: validating a recipe imports every plug-in
+# module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
+if TYPE_CHECKING:
+    import torch
 
 
 @register_family("sdxl")
@@ -42,6 +47,8 @@ class SDXLFamily(SD1Family):
         return c
 
     def encode_prompts(self, c: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        import torch
+
         hidden, pooled = [], None
         for name in self.text_encoder_names:
             te = c.text_encoders[name]
@@ -52,6 +59,8 @@ class SDXLFamily(SD1Family):
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
 
     def image_conditioning(self, c: Components, batch: dict) -> dict[str, torch.Tensor]:
+        import torch
+
         rows = [[*o, *crop, *t] for o, crop, t in zip(batch["original_size"], batch["crop_top_left"], batch["target_size"])]
         return {"time_ids": torch.tensor(rows, dtype=torch.float32)}
 

@@ -8,15 +8,20 @@
 - `after_step(c)`: called after every optimizer step (e.g. restore rows that must not change);
 - `state_dict()` / `load_state_dict(state, c)`: the method's own counters, JSON-able, for resume;
 - `save(c, folder, output, name)`: write the method's artifacts, returning the files written;
-- `describe_file(path)` and `usage(...)`: what the model card says about those files.
+- `describe_file(path)` and `usage(...)`: what the model card says about those files, and the
+  Python lines that load them into a pipeline `pipe` (a test runs every card's code).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
+# torch is imported inside the functions that run it: validating a recipe imports every plug-in
+# module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
+if TYPE_CHECKING:
+    import torch
+
 
 
 class Method:
@@ -58,6 +63,7 @@ class Method:
     def describe_file(self, path: Path) -> str:
         return ""
 
-    def usage(self, pipeline_class: str, load_base: str, run_dir: Path, files: list[Path], prompt: str) -> list[str]:
-        """Python lines that load the result into diffusers and make one image."""
-        return [f"from diffusers import {pipeline_class}", load_base, f"image = pipe({prompt!r}).images[0]"]
+    def usage(self, pipeline_class: str, load_base: str, run_dir: Path, files: list[Path]) -> list[str]:
+        """Python lines that load the result into a diffusers pipeline named `pipe` (the model card
+        adds the line that makes an image)."""
+        return [f"from diffusers import {pipeline_class}", load_base]

@@ -10,15 +10,19 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 
 from ..config_base import Section
 from . import register_method
 from .base import Method
-from .lora import SAVE_DTYPES
+from .lora import save_dtype
+
+# torch is imported inside the functions that run it: validating a recipe imports every plug-in
+# module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
+if TYPE_CHECKING:
+    import torch
 
 MODEL_DIR = "model"
 
@@ -69,7 +73,7 @@ class DreamBoothMethod(Method):
                 shutil.rmtree(tmp, ignore_errors=True)
             written.append(final)
         if self.cfg.single_file:
-            written.append(self.family.save_single_file(c, folder / f"{name}.safetensors", SAVE_DTYPES[output.save_dtype]))
+            written.append(self.family.save_single_file(c, folder / f"{name}.safetensors", save_dtype(output.save_dtype)))
         return written
 
     def describe_file(self, path: Path) -> str:
@@ -78,7 +82,10 @@ class DreamBoothMethod(Method):
         return "single-file checkpoint for AUTOMATIC1111, Forge and ComfyUI (copy into `models/checkpoints`); " \
                "diffusers reads it with `from_single_file`"
 
-    def usage(self, pipeline_class, load_base, run_dir, files, prompt):
-        return [f"from diffusers import {pipeline_class}",
-                f"pipe = {pipeline_class}.from_pretrained({str(Path(run_dir) / MODEL_DIR)!r})",
-                f"image = pipe({prompt!r}).images[0]"]
+    def usage(self, pipeline_class, load_base, run_dir, files):
+        if MODEL_DIR in {Path(f).name for f in files}:
+            load = f"pipe = {pipeline_class}.from_pretrained({str(Path(run_dir) / MODEL_DIR)!r})"
+        else:  # only the single file was asked for
+            single = next(Path(f) for f in files if Path(f).suffix == ".safetensors")
+            load = f"pipe = {pipeline_class}.from_single_file({str(single)!r})"
+        return [f"from diffusers import {pipeline_class}", load]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 
 from ..config_base import Section
 from . import register_method
 from .base import Method
+
+# torch is imported inside the functions that run it: validating a recipe imports every plug-in
+# module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
+if TYPE_CHECKING:
+    import torch
 
 
 class LoraConfig(Section):
@@ -32,7 +36,13 @@ class LoraConfig(Section):
 
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_dtype(name: str) -> torch.dtype:
+    """The torch dtype of `output.save_dtype` ("fp32", "fp16", "bf16")."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 @register_method("lora")
@@ -52,6 +62,8 @@ class LoraMethod(Method):
         )
 
     def setup(self, c) -> list[dict]:
+        from peft import inject_adapter_in_model
+
         for module in c.frozen_modules():
             module.requires_grad_(False)
         self.unet_config = self._peft_config(self.cfg.rank, self.cfg.alpha, self.cfg.target_modules or self.family.lora_targets)
@@ -67,7 +79,10 @@ class LoraMethod(Method):
                     self.cfg.text_encoder_rank or self.cfg.rank,
                     self.cfg.text_encoder_alpha or self.cfg.alpha or self.cfg.text_encoder_rank,
                     self.cfg.text_encoder_target_modules or self.family.text_encoder_lora_targets)
-                te.add_adapter(config)
+                # peft's own injection, not transformers' `add_adapter`: that one only forwards to peft,
+                # behind a minimum-peft-version gate of its own (transformers 5.24 demands a peft that
+                # was not yet released), and a gate like that should not stop training.
+                inject_adapter_in_model(config, te)
                 self.text_encoder_configs[name] = config
                 groups.append({"params": [p for p in te.parameters() if p.requires_grad], "lr": lrs.get(name, te_lr)})
         return groups
@@ -86,7 +101,7 @@ class LoraMethod(Method):
         from ..export.lora import kohya_alpha, kohya_metadata, save_diffusers_lora, save_kohya_lora
 
         folder = Path(folder)
-        dtype = SAVE_DTYPES[output.save_dtype]
+        dtype = save_dtype(output.save_dtype)
         unet_state, te_states = self.state_dicts(c)
         written = []
         if "diffusers" in output.formats:
@@ -112,6 +127,13 @@ class LoraMethod(Method):
             return "diffusers/peft format: `pipe.load_lora_weights(run_folder)`"
         return f"kohya format for {self.family.kohya_apps} (copy into `models/loras`)"
 
-    def usage(self, pipeline_class, load_base, run_dir, files, prompt):
-        lines = super().usage(pipeline_class, load_base, run_dir, files, prompt)
-        return [*lines[:2], f"pipe.load_lora_weights({str(run_dir)!r})", *lines[2:]]
+    def usage(self, pipeline_class, load_base, run_dir, files):
+        return [*super().usage(pipeline_class, load_base, run_dir, files), self.load_line(run_dir, files)]
+
+    def load_line(self, run_dir, files) -> str:
+        """`load_lora_weights` of the run's diffusers file, or of its kohya file when that is all there is."""
+        names = [Path(f).name for f in files]
+        if DIFFUSERS_WEIGHT_NAME in names:
+            return f"pipe.load_lora_weights({str(run_dir)!r})"
+        kohya = next(n for n in names if "kohya" in self.describe_file(Path(n)))
+        return f"pipe.load_lora_weights({str(run_dir)!r}, weight_name={kohya!r})"

@@ -10,15 +10,19 @@ embedding) + `<run>.safetensors` (a kohya LoRA) for AUTOMATIC1111, Forge and Com
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 
 from . import register_method
 from .base import Method
 from .lora import LoraConfig, LoraMethod
-from .textual_inversion import DIFFUSERS_EMBEDS_NAME, TextualInversionConfig, TextualInversionMethod
+from .textual_inversion import TextualInversionConfig, TextualInversionMethod
+
+# torch is imported inside the functions that run it: validating a recipe imports every plug-in
+# module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
+if TYPE_CHECKING:
+    import torch
 
 
 class PivotalConfig(LoraConfig, TextualInversionConfig):
@@ -83,10 +87,15 @@ class PivotalMethod(Method):
         return self.lora.save(c, folder, output, name) + self.ti.save(c, folder, output, f"{name}-emb")
 
     def describe_file(self, path: Path) -> str:
-        if path.name.startswith("learned_embeds") or path.stem.endswith("-emb"):
+        if self._is_embedding(path):
             return self.ti.describe_file(path)
         return self.lora.describe_file(path)
 
-    def usage(self, pipeline_class, load_base, run_dir, files, prompt):
-        lines = self.ti.usage(pipeline_class, load_base, run_dir, files, prompt)
-        return [*lines[:-1], f"pipe.load_lora_weights({str(run_dir)!r})", lines[-1]]
+    def usage(self, pipeline_class, load_base, run_dir, files):
+        ti_files = [f for f in files if self._is_embedding(Path(f))]
+        lora_files = [f for f in files if not self._is_embedding(Path(f))]
+        return [*self.ti.usage(pipeline_class, load_base, run_dir, ti_files), self.lora.load_line(run_dir, lora_files)]
+
+    @staticmethod
+    def _is_embedding(path: Path) -> bool:
+        return path.name.startswith("learned_embeds") or path.stem.endswith("-emb")

@@ -20,16 +20,20 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field, field_validator
 
 from ..config_base import Section
 from ..errors import FinetuneError
 from . import register_method
 from .base import Method
-from .lora import SAVE_DTYPES
+from .lora import save_dtype
+
+# torch is imported inside the functions that run it: validating a recipe imports every plug-in
+# module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
+if TYPE_CHECKING:
+    import torch
 
 DIFFUSERS_EMBEDS_NAME = "learned_embeds.safetensors"
 WEBUI_KEY = "emb_params"
@@ -186,7 +190,7 @@ class TextualInversionMethod(Method):
         from ..export.files import atomic_save_safetensors
 
         folder = Path(folder)
-        dtype = SAVE_DTYPES[output.save_dtype]
+        dtype = save_dtype(output.save_dtype)
         vectors = {n: v.learned().to(dtype).contiguous() for n, v in self.vectors.items()}
         meta = {"placeholder_token": self.cfg.placeholder_token, "num_vectors": str(self.cfg.num_vectors),
                 "initializer_token": self.cfg.initializer_token, "family": self.family.name}
@@ -208,30 +212,41 @@ class TextualInversionMethod(Method):
 
     def describe_file(self, path: Path) -> str:
         token = self.cfg.placeholder_token
-        if path.name == DIFFUSERS_EMBEDS_NAME:
+        one_encoder = len(self.family.embedding_keys) == 1
+        if path.name == DIFFUSERS_EMBEDS_NAME and one_encoder:
             return f"diffusers format: `pipe.load_textual_inversion(run_folder)`, then write `{token}`"
-        if path.name.startswith("learned_embeds_"):
-            return "diffusers format, for the second text encoder (see the code below)"
-        return (f"embedding for AUTOMATIC1111, Forge and ComfyUI (copy into `embeddings/`; the prompt word is "
-                f"`{path.stem}`); diffusers: `load_textual_inversion(file, token=...)`")
+        if path.name.startswith("learned_embeds"):
+            # `load_textual_inversion(run_folder)` would fill only the first encoder, and the second
+            # tokenizer would read the token as an unknown word.
+            encoder = "text_encoder" if path.name == DIFFUSERS_EMBEDS_NAME else "text_encoder_2"
+            return f"diffusers format for `{encoder}`; load each file into its own encoder (see the code below)"
+        how = "`load_textual_inversion(file, token=...)`" if one_encoder else \
+            f"one `load_textual_inversion` call per tensor ({', '.join(self.family.embedding_keys.values())})"
+        return (f"embedding for {self.family.kohya_apps} (copy into `embeddings/`; the prompt word is "
+                f"`{path.stem}`); diffusers: {how}")
 
-    def usage(self, pipeline_class, load_base, run_dir, files, prompt):
-        lines = super().usage(pipeline_class, load_base, run_dir, files, prompt)
-        token = self.cfg.placeholder_token
+    def usage(self, pipeline_class, load_base, run_dir, files):
         names = {Path(f).name for f in files}
         if DIFFUSERS_EMBEDS_NAME in names and len(self.vectors) == 1:
             loads = [f"pipe.load_textual_inversion({str(run_dir)!r})"]
         elif DIFFUSERS_EMBEDS_NAME in names:
-            loads = []
-            for i, n in enumerate(self.vectors):
-                file = str(Path(run_dir) / diffusers_embeds_name(i))
-                tok = n.replace("text_encoder", "tokenizer")
-                loads.append(f"pipe.load_textual_inversion({file!r}, token={token!r}, text_encoder=pipe.{n}, "
-                             f"tokenizer=pipe.{tok})")
+            loads = [self._load_line(repr(str(Path(run_dir) / diffusers_embeds_name(i))), n)
+                     for i, n in enumerate(self.vectors)]
         else:
-            webui = next(Path(f) for f in files)
-            loads = [f"pipe.load_textual_inversion({str(webui)!r}, token={token!r})"]
-        return [*lines[:2], *loads, *lines[2:]]
+            webui = next(str(f) for f in files if Path(f).suffix == ".safetensors")
+            if len(self.vectors) == 1:
+                loads = [f"pipe.load_textual_inversion({webui!r}, token={self.cfg.placeholder_token!r})"]
+            else:  # one file holding a tensor per encoder: diffusers takes them one at a time
+                keys = self.family.embedding_keys
+                loads = ["from safetensors.torch import load_file", f"embedding = load_file({webui!r})",
+                         *(self._load_line(f"embedding[{keys[n]!r}]", n) for n in self.vectors)]
+        return [*super().usage(pipeline_class, load_base, run_dir, files), *loads]
+
+    def _load_line(self, source: str, encoder: str) -> str:
+        tokenizer = encoder.replace("text_encoder", "tokenizer")
+        return (f"pipe.load_textual_inversion({source}, token={self.cfg.placeholder_token!r}, "
+                f"text_encoder=pipe.{encoder}, tokenizer=pipe.{tokenizer})")
+
 
 class _NewRows:
     """The new token rows of one text encoder's embedding: initialised from the initializer word;
@@ -240,6 +255,8 @@ class _NewRows:
     other row after a step (AdamW's decoupled weight decay moves rows that have no gradient)."""
 
     def __init__(self, te, token_ids: list[int], init_id: int, vocab_size: int):
+        import torch
+
         self.te = te
         # Never shrink (some checkpoints pad the embedding past the tokenizer); the new rows are
         # overwritten below, so skip transformers' mean/covariance initialisation of them.
@@ -264,6 +281,8 @@ class _NewRows:
 
     def _only_new_rows(self, grad: torch.Tensor) -> torch.Tensor:
         # Words next to the placeholder ("a", "photo", the padding token) get gradients too.
+        import torch
+
         idx = self.new_idx.to(grad.device)
         out = torch.zeros_like(grad)
         out[idx] = grad[idx]
@@ -277,6 +296,8 @@ class _NewRows:
         return output if output.dtype == dtype else output.to(dtype)
 
     def restore_others(self) -> None:
+        import torch
+
         weight = self.weight
         if self.original.device != weight.device or self.original.dtype != weight.dtype:
             self.original = self.original.to(weight.device, weight.dtype)
@@ -286,5 +307,7 @@ class _NewRows:
             weight.index_copy_(0, self.keep_idx, self.original)
 
     def learned(self) -> torch.Tensor:
+        import torch
+
         weight = self.weight
         return weight.detach()[self.new_idx.to(weight.device)].to("cpu", torch.float32).clone()
