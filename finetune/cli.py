@@ -88,15 +88,22 @@ def train(
         None, "--resume", metavar="[PATH|latest]",
         help="Continue a run exactly from its last checkpoint: alone, this recipe's latest run; or a run folder "
              "or checkpoint folder."),
+    allow_changed_data: bool = typer.Option(
+        False, "--allow-changed-data",
+        help="With --resume: go on even though the training data changed since the checkpoint (logged; the run "
+             "no longer continues exactly)."),
 ):
     """Train an adapter from RECIPE. Extra KEY=VALUE arguments override recipe keys."""
     with _guard(models=True):
         from .recipe import load_recipe
         from .train import train as run_training
 
+        if allow_changed_data and not resume:
+            raise FinetuneError("--allow-changed-data: only a resumed run (--resume) has earlier data to differ from")
         overrides = [*ctx.args, *set_]
         r, path = load_recipe(recipe, overrides)
-        result = run_training(r, path, log=typer.echo, progress=not no_progress, resume=resume)
+        result = run_training(r, path, log=typer.echo, progress=not no_progress, resume=resume,
+                              allow_changed_data=allow_changed_data)
         typer.echo(f"run folder: {result.run_dir}")
         if result.interrupted:
             import shlex
@@ -143,20 +150,22 @@ def generate(
     make_grid: bool = typer.Option(False, "--grid", help="Also write grid.png of all images."),
     base: str = typer.Option(..., "--base", help="Base model: hub id, diffusers folder, .safetensors or builtin:tiny-sd15."),
     lora: List[str] = typer.Option([], "--lora", help="LoRA file or run folder (repeatable); FILE:WEIGHT sets its weight."),
-    n: int = typer.Option(1, "--n", min=1, help="Images per prompt."),
-    seed: int = typer.Option(0, "--seed"),
-    steps: int = typer.Option(25, "--steps", min=1),
+    n: int = typer.Option(1, "--n", help="Images per prompt (1-1000)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first image; image k gets seed + k (0 to 2^63-1)."),
+    steps: int = typer.Option(25, "--steps", help="Denoising steps (1-1000)."),
     guidance: float = typer.Option(7.5, "--guidance"),
     negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt."),
-    width: Optional[int] = typer.Option(None, "--width"),
-    height: Optional[int] = typer.Option(None, "--height"),
-    out: Path = typer.Option(Path("outputs/generated"), "--out", help="Folder for the images."),
+    width: Optional[int] = typer.Option(None, "--width", help="A multiple of 8, at most 8192 (default: the model's)."),
+    height: Optional[int] = typer.Option(None, "--height", help="A multiple of 8, at most 8192 (default: the model's)."),
+    out: Path = typer.Option(Path("outputs/generated"), "--out", help="Folder for the images; images already there "
+                                                                     "are kept, new ones numbered on after them."),
     family: str = typer.Option("auto", "--family"),
     hook: List[str] = typer.Option([], "--hook", help="Output hook as YAML, e.g. \"{type: prompt_filter, block: [gore]}\" "
                                                        "(repeatable; replaces the defaults)."),
     no_hooks: bool = typer.Option(False, "--no-hooks", help="Turn every output hook off (no provenance, no watermark)."),
 ):
-    """Generate images with a base model and optional LoRA adapters; every image passes the output hooks."""
+    """Generate images with a base model and optional LoRA adapters; every image passes the output hooks.
+    Exit 0: images written; 3: the output hooks refused or rejected every image, so none was written."""
     with _guard(models=True):
         from .generate import generate as run_generate
 
@@ -166,6 +175,11 @@ def generate(
                              make_grid=make_grid)
         for p in paths:
             typer.echo(str(p))
+        if not paths:  # not an error in the program, but nothing to show for the run: scripts must see it
+            typer.secho(f"error: nothing written: the output hooks refused or rejected every image (see above and "
+                        f"{out / 'manifest.jsonl'})", fg="red", err=True)
+    if not paths:
+        raise typer.Exit(3)  # outside the guard: an exit code is not an error
 
 
 def _hook_options(specs: list[str], off: bool) -> list[dict] | None:
@@ -202,15 +216,18 @@ app.add_typer(watermark_app, name="watermark")
 def watermark_detect(
     images: List[Path] = typer.Argument(..., help="Image files to check."),
     outputs: Path = typer.Option(Path("outputs"), "--outputs", help="Run folders to match payloads against."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Skip, undecoded, any image whose header "
+                                                                        "claims more pixels than this (default 40,000,000)."),
 ):
-    """Report each image's watermark payload, bits matched, verdict, and the run/adapter it matches."""
+    """Report each image's watermark payload, bits matched, verdict, and the run/adapter it matches; a file
+    that cannot be checked (missing, not an image, corrupt, over --max-pixels) gets its own `skipped:` line.
+    Exit 0: every file carries the watermark; 1: all checked, some carry none; 2: some file was skipped."""
     with _guard():
         from .hooks.watermark import detect_report
 
-        missing = [str(p) for p in images if not p.is_file()]
-        if missing:
-            raise FinetuneError(f"no such file: {', '.join(missing)}")
-        lines, code = detect_report(list(images), outputs)
+        if max_pixels is not None and max_pixels < 1:
+            raise FinetuneError(f"--max-pixels: must be at least 1, got {max_pixels}")
+        lines, code = detect_report(list(images), outputs, max_pixels)
         for line in lines:
             typer.echo(line)
     raise typer.Exit(code)  # outside the guard: an exit code is not an error

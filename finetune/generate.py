@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .cache import file_sha256
 from .errors import FinetuneError
+from .prompts import SEED_MAX, check_number, excerpt
 
 
 def _lora_spec(spec: str) -> tuple[Path, float]:
@@ -16,25 +18,53 @@ def _lora_spec(spec: str) -> tuple[Path, float]:
             path, weight = head, float(tail)
         except ValueError:
             pass
+    if not math.isfinite(weight):  # float() reads "nan" and "inf"; either turns every image to noise
+        raise FinetuneError(f"--lora {excerpt(spec)}: the weight must be a finite number, got {excerpt(tail)}")
     p = Path(path)
     if not p.exists():
-        raise FinetuneError(f"--lora: {path} does not exist")
+        raise FinetuneError(f"--lora: {excerpt(path)} does not exist")
     if p.is_file() and p.suffix != ".safetensors":
-        raise FinetuneError(f"--lora: {path} is not a .safetensors file; pickled LoRA files are not loaded")
+        raise FinetuneError(f"--lora: {excerpt(path)} is not a .safetensors file; pickled LoRA files are not loaded")
     return p, weight
+
+
+def _check_options(n, seed, steps, guidance, width, height, out: Path) -> None:
+    """The command line's numbers and folder, checked before any model loads."""
+    for key, value in (("n", n), ("seed", seed), ("steps", steps), ("width", width), ("height", height)):
+        if value is not None:
+            check_number(key, value, f"--{key}")
+    if not math.isfinite(guidance):
+        raise FinetuneError(f"--guidance: must be a finite number, got {guidance}")
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"--out: {out} exists and is not a folder")
+
+
+def _first_seeds(rows, n: int, seed: int) -> list[int]:
+    """Each row's first seed: its own, else `seed` counted on image by image; every image's seed
+    (first + i) must stay within what a generator and the metadata's readers take."""
+    firsts, k = [], 0
+    for i, row in enumerate(rows):
+        count = row.n or n
+        first = seed + k if row.seed is None else row.seed
+        if first + count - 1 > SEED_MAX:
+            where = "--seed" if row.seed is None else f"prompt {i + 1} ({excerpt(row.prompt)}): seed"
+            raise FinetuneError(f"{where}: its {count} image(s) would need seeds past {SEED_MAX}")
+        firsts.append(first)
+        k += count
+    return firsts
 
 
 def load_pipeline(base: str, family: str = "auto", loras: list[str] = ()):
     from .recipe.schema import ModelConfig
     from .train.loop import resolve_family
 
+    specs = [_lora_spec(spec) for spec in loras]  # a missing file or a nan weight fails before the model loads
     model_cfg = ModelConfig(base=base, family=family)
     fam, source = resolve_family(model_cfg)
     c = fam.load(source, model_cfg)
     pipe = c.pipeline
     names, weights = [], []
-    for i, spec in enumerate(loras):
-        path, weight = _lora_spec(spec)
+    for i, (path, weight) in enumerate(specs):
         name = f"lora{i}"
         try:
             if path.is_dir():
@@ -68,29 +98,27 @@ def generate(prompts, base, loras=(), n=1, seed=0, steps=25, guidance=7.5, negat
     from PIL import Image
 
     from .hooks import OutputImage, Provenance, build_pipeline
-    from .hooks.pipeline import write_outputs
+    from .hooks.pipeline import next_index, write_outputs
     from .prompts import PromptRow, read_prompt_file
     from .train.sampling import emit_images, grid
 
-    for name, v in (("--width", width), ("--height", height)):
-        if v is not None and v % 8:
-            raise FinetuneError(f"{name}: {v} is not a multiple of 8")
+    out = Path(out)
+    _check_options(n, seed, steps, guidance, width, height, out)
     rows = [PromptRow(p) for p in prompts] + (read_prompt_file(prompt_file) if prompt_file else [])
     if not rows:
         raise FinetuneError("give at least one --prompt or a --prompts file")
+    seeds = _first_seeds(rows, n, seed)
     output_hooks = build_pipeline(hooks, log)  # before the model loads: a bad hook fails fast
     pipe, _ = load_pipeline(base, family, loras)
     pipe.set_progress_bar_config(disable=True)
     provenance = Provenance(prompt="", base_model=base, adapters=adapter_records(loras), kind="generate")
-    out = Path(out)
-    written, k = [], 0
-    for row in rows:
-        count = row.n or n
-        written += emit_images(pipe, [row.prompt], output_hooks, out, seed=seed + k if row.seed is None else row.seed,
-                               n=count, steps=steps, guidance=guidance, negative_prompt=row.negative_prompt or negative,
+    written, k = [], next_index(out)  # images already in `out` keep their names; new ones count on
+    for row, first in zip(rows, seeds):
+        written += emit_images(pipe, [row.prompt], output_hooks, out, seed=first, n=row.n or n, steps=steps,
+                               guidance=guidance, negative_prompt=row.negative_prompt or negative,
                                width=row.width or width, height=row.height or height, provenance=provenance,
-                               first_index=k)
-        k += count
+                               first_index=k, log=log)
+        k += row.n or n
     if make_grid and written:
         # The grid is an image we emit too: it goes through the same hooks.
         sheet = grid([Image.open(p) for p in written])

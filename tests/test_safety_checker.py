@@ -46,7 +46,8 @@ def checkers(tmp_path_factory):
 
 def test_flagged_image_is_blocked_and_recorded(tiny_sd15, checkers, tmp_path):
     r = gen(tiny_sd15, tmp_path / "g", f"{{type: safety_checker, weights: {checkers[0]}}}")
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 3, r.output  # nothing written: a documented exit code of its own
+    assert "rejected:" in r.output and "safety_checker" in r.output
     assert not list((tmp_path / "g").glob("*.png"))
     (row,) = [json.loads(x) for x in (tmp_path / "g" / "manifest.jsonl").read_text().splitlines()]
     assert row["status"] == "rejected" and row["file"] is None and "safety_checker" in row["reason"]

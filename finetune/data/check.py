@@ -11,8 +11,12 @@ What training does with each finding (`CATEGORIES`; README.md has the same list)
 
 skipped, the image does not train:
 - missing: listed (metadata file, dataset row) but not there
+- outside_folder: the image, its caption file or a sub-folder is a symlink leading out of the data
+  folder (data.follow_symlinks: true reads it). Not read: a shared image set must not train on,
+  or print from, whatever else this account can read
 - zero_byte: an empty file
-- not_image: no image format PIL reads (a text or HTML file named .png, a HEIC named .jpg)
+- not_image: no image format PIL reads (a text or HTML file named .png, a HEIC named .jpg); what a
+  text file says is never shown, only that it is text
 - corrupt: truncated or damaged (the header reads, the pixels do not), no pixels, unreadable
 - too_large: over data.max_pixels; refused before any pixel is decoded (decompression bombs)
 - caption_unreadable: its caption file is not UTF-8. Guessing the encoding would train on
@@ -48,7 +52,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import FinetuneError
+from ..errors import FinetuneError, safe_name
 from .buckets import nearest_bucket, training_buckets
 from .images import oriented_size, pixel_limit, to_rgb, too_many_pixels
 from .sources import Example, find_examples, resolve_data_path
@@ -68,6 +72,8 @@ class Category:
 
 CATEGORIES = {c.key: c for c in (  # the report's order: what is skipped first
     Category("missing", "missing file", "missing files", True),
+    Category("outside_folder", "symlink leading out of the data folder", "symlinks leading out of the data folder",
+             True),
     Category("zero_byte", "zero-byte file", "zero-byte files", True),
     Category("not_image", "file that is not an image", "files that are not images", True),
     Category("corrupt", "corrupt, truncated or unreadable image", "corrupt, truncated or unreadable images", True),
@@ -132,7 +138,7 @@ class DatasetReport:
 
     def summary(self, limit: int | None = None) -> list[str]:
         """Counts and file names per category; `limit` caps the names listed per category."""
-        head = f"dataset check: {self.total} files in {self.where}: {len(self.usable)} usable"
+        head = f"dataset check: {self.total} files in {safe_name(self.where)}: {len(self.usable)} usable"
         lines = [head + (f", {self.skipped} skipped" if self.skipped else "")]
         for c in CATEGORIES.values():
             found = self.findings.get(c.key)
@@ -141,7 +147,8 @@ class DatasetReport:
             outcome = f"; {c.outcome}" if c.outcome else ""
             lines.append(f"{'skipped' if c.skips else 'warning'}: {c.count(len(found))}{outcome}")
             shown = found if limit is None else found[:limit]
-            lines += [f"  {name}: {detail}" if detail else f"  {name}" for name, detail in shown]
+            # File names come from outside: a newline in one must not start a forged line of its own.
+            lines += ["  " + _finding(name, detail) for name, detail in shown]
             if len(shown) < len(found):
                 lines.append(f"  ... and {len(found) - len(shown)} more (`finetune dataset check` lists them all)")
         return lines + [f"note: {n}" for n in self.notes]
@@ -152,11 +159,15 @@ class DatasetReport:
             return
         bad = [(c, self.findings[c.key]) for c in CATEGORIES.values() if c.skips and c.key in self.findings]
         if not bad:
-            raise FinetuneError(f"data.path: no images in {self.where}")
+            raise FinetuneError(f"data.path: no images in {safe_name(self.where)}")
         counts = ", ".join(c.count(len(found)) for c, found in bad)
-        name, detail = bad[0][1][0]
-        raise FinetuneError(f"data.path: no usable image in {self.where}: {counts} (first: {name}: {detail}); "
-                            f"`finetune dataset check {self.where}` lists them all")
+        where = safe_name(self.where)
+        raise FinetuneError(f"data.path: no usable image in {where}: {counts} (first: {_finding(*bad[0][1][0])}); "
+                            f"`finetune dataset check {where}` lists them all")
+
+
+def _finding(name: str, detail: str) -> str:
+    return f"{safe_name(name)}: {safe_name(detail)}" if detail else safe_name(name)
 
 
 def check_dataset(cfg, base_dir: Path | None = None, tokenizer=None) -> DatasetReport:
@@ -263,7 +274,9 @@ def _inspect_all(examples: list[Example], cfg) -> list[_Look]:
 
 
 def _inspect(example: Example, buckets, max_pixels: int) -> _Look:
-    look = _Look()
+    look = _Look(problem=example.refused)
+    if example.refused:
+        return look
     try:
         source = _source(example)
         img = example.image if source is None else Image.open(source)
@@ -358,9 +371,9 @@ def _extension_lie(path: Path, fmt: str | None) -> str | None:
 def _unidentified(head: bytes) -> tuple[str, str]:
     """(category, detail) for a file PIL does not recognise, from its first bytes: damaged, text, or
     a foreign format."""
-    text = _text_start(head)
-    if text is not None:
-        return "not_image", f"a text file, not an image (it starts {text!r})"
+    if _is_text(head):
+        # Its content is not shown: the file may be anything (a password file linked in).
+        return "not_image", "a text file, not an image"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "corrupt", "a damaged WEBP file (its header does not read)"
     for magic, fmt in _SIGNATURES:
@@ -373,15 +386,13 @@ def _unidentified(head: bytes) -> tuple[str, str]:
     return "not_image", "no image format PIL can read"
 
 
-def _text_start(head: bytes) -> str | None:
-    """The first characters, when `head` looks like text: no NUL bytes, almost all printable."""
+def _is_text(head: bytes) -> bool:
+    """Whether `head` looks like text: no NUL bytes, almost all printable."""
     if not head or b"\0" in head:
-        return None
+        return False
     text = head.decode("utf-8", errors="replace")
     printable = sum(ch != "\ufffd" and (ch.isprintable() or ch.isspace()) for ch in text)
-    if printable < 0.95 * len(text):
-        return None
-    return (text.strip().splitlines() or [""])[0][:40]
+    return printable >= 0.95 * len(text)
 
 
 def _first_line(e: Exception) -> str:

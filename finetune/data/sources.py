@@ -19,7 +19,7 @@ from typing import Callable
 
 from PIL import Image
 
-from ..errors import FinetuneError
+from ..errors import FinetuneError, safe_name
 from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, image_size, load_image, oriented_size, to_rgb
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -41,6 +41,7 @@ class Example:
     data: bytes | None = field(default=None, repr=False)  # encoded file from a dataset row
     caption_file: Path | None = None  # where a folder set looks for this image's caption, found or not
     caption_issue: tuple[str, str] | None = None  # (check category, detail) from reading the caption
+    refused: tuple[str, str] | None = None  # (check category, detail) known before opening: never read
     max_pixels: int = DEFAULT_MAX_PIXELS  # data.max_pixels: larger images are refused, not decoded
 
     def load(self) -> Image.Image:
@@ -143,13 +144,42 @@ def _from_folder(cfg, folder: Path) -> list[Example]:
     if not folder.is_dir():
         raise FinetuneError(f"data.path: {folder} is not a folder")
     ext = cfg.caption_extension if cfg.caption_extension.startswith(".") else "." + cfg.caption_extension
+    inside = _Confinement(folder, cfg.follow_symlinks)
+    images, linked_out = _image_files(folder, inside)
     examples = []
-    for path in sorted(_image_files(folder)):
+    for path in sorted(images):
+        key = path.relative_to(folder).as_posix()
+        if inside.leaves(path):
+            examples.append(Example(key=key, caption=None, refused=_outside("a symlink")))
+            continue
         caption_file = path.with_suffix(ext)
-        text, issue = _read_caption(caption_file)
-        examples.append(Example(key=path.relative_to(folder).as_posix(), caption=_caption(text, cfg), path=path,
+        if inside.leaves(caption_file):
+            text, issue = None, _outside(f"its caption file {safe_name(caption_file.name)} is a symlink")
+        else:
+            text, issue = _read_caption(caption_file)
+        examples.append(Example(key=key, caption=_caption(text, cfg), path=path,
                                 caption_file=caption_file, caption_issue=issue))
-    return examples
+    # A folder it cannot enter is reported like a file it cannot read: by name, in the check.
+    return examples + [Example(key=f"{d.relative_to(folder).as_posix()}/", caption=None,
+                               refused=_outside("a symlinked folder")) for d in sorted(linked_out)]
+
+
+class _Confinement:
+    """What a data folder may read: files whose real path (symlinks followed) stays inside it, or
+    anything with data.follow_symlinks. A link out of the folder would otherwise train on, and
+    print from, any file this account can read."""
+
+    def __init__(self, folder: Path, follow: bool):
+        self.root = folder.resolve()
+        self.follow = follow
+
+    def leaves(self, path: Path) -> bool:
+        return not self.follow and not path.resolve().is_relative_to(self.root)
+
+
+def _outside(what: str) -> tuple[str, str]:
+    """The check finding for something that leads out of the data folder."""
+    return "outside_folder", f"{what} leading out of the data folder; not read (data.follow_symlinks: true reads it)"
 
 
 def _read_caption(path: Path) -> tuple[str | None, tuple[str, str] | None]:
@@ -165,13 +195,28 @@ def _read_caption(path: Path) -> tuple[str | None, tuple[str, str] | None]:
     return text, (None if text else ("empty_caption", f"{path.name} is empty"))
 
 
-def _image_files(folder: Path):
-    # Hidden entries (.ipynb_checkpoints, macOS "._x.png" resource forks) are never training data.
-    for root, dirs, files in os.walk(folder):
+def _image_files(folder: Path, inside: _Confinement) -> tuple[list[Path], list[Path]]:
+    """The image files under `folder`, and the symlinked sub-folders left unread because they lead
+    out of it. A symlinked sub-folder that stays inside is not entered (its files are already
+    found under their real name); with data.follow_symlinks every one is, each real folder once
+    per branch, so a link to an ancestor cannot loop."""
+    images, left_out = [], []
+    for root, dirs, files in os.walk(folder, followlinks=inside.follow):
+        # Hidden entries (.ipynb_checkpoints, macOS "._x.png" resource forks) are never training data.
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                yield Path(root) / name
+        if inside.follow:
+            dirs[:] = [d for d in dirs if not _loops(Path(root) / d, folder)]
+        else:
+            left_out += [Path(root) / d for d in dirs if inside.leaves(Path(root) / d)]
+        images += [Path(root) / n for n in files
+                   if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+    return images, left_out
+
+
+def _loops(path: Path, top: Path) -> bool:
+    """Whether a folder is really one of its own ancestors up to `top` (a symlink loop)."""
+    real = path.resolve()
+    return any(real == p.resolve() for p in [path.parent, *path.parent.parents] if p.is_relative_to(top))
 
 
 def _read_text(path: Path) -> str:
@@ -188,14 +233,19 @@ def _from_metadata(cfg, path: Path) -> list[Example]:
         if not found:
             raise FinetuneError(f"data.path: no {' or '.join(METADATA_FILES)} in {path}")
         path = found[0]
+        if _Confinement(path.parent, cfg.follow_symlinks).leaves(path):
+            raise FinetuneError(f"data.path: {safe_name(path)} is a symlink leading out of the data folder; "
+                                "not read (data.follow_symlinks: true reads it)")
     folder = path.parent
+    inside = _Confinement(folder, cfg.follow_symlinks)
     rows = _read_metadata(path)
     if not rows:
         return []
     columns = list(rows[0])
     for column in ("file_name", cfg.caption_column):
         if column not in columns:
-            raise FinetuneError(f"{path}: no column {column!r}; columns are: {', '.join(map(str, columns))}")
+            found = safe_name(", ".join(map(str, columns)))
+            raise FinetuneError(f"{path}: no column {column!r}; columns are: {found}")
     examples = []
     for row in rows:
         name = str(row["file_name"] or "")
@@ -203,9 +253,12 @@ def _from_metadata(cfg, path: Path) -> list[Example]:
         if not name or any(p.anchor or ".." in p.parts for p in (PurePosixPath(name), PureWindowsPath(name))):
             raise FinetuneError(f"{path}: file_name {name!r} must be a path inside {folder}")
         # A listed file that is missing is reported by the check, like any other unusable image.
+        key = PurePosixPath(name).as_posix()
+        if inside.leaves(folder / name):  # `name` stays inside lexically; a symlinked folder on its way may not
+            examples.append(Example(key=key, caption=None, refused=_outside("a path through a symlink")))
+            continue
         caption, issue = _row_caption(row.get(cfg.caption_column), cfg, f"in {path.name}")
-        examples.append(Example(key=PurePosixPath(name).as_posix(), caption=caption, path=folder / name,
-                                caption_issue=issue))
+        examples.append(Example(key=key, caption=caption, path=folder / name, caption_issue=issue))
     return sorted(examples, key=lambda e: e.key)
 
 

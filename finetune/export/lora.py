@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .files import atomic_save_safetensors
+from .files import atomic_save_safetensors, replace_as_output
 
 KOHYA_NETWORK_MODULE = "networks.lora"
 UNET_PREFIX = "lora_unet"
@@ -399,8 +399,7 @@ def save_diffusers_lora(
         written = Path(tmp) / weight_name
         if not written.exists():
             raise RuntimeError(f"{pipeline_cls.__name__}.save_lora_weights did not write {weight_name}")
-        target = folder / weight_name
-        os.replace(written, target)
+        target = replace_as_output(written, folder / weight_name)
     return target
 
 

@@ -3,7 +3,11 @@ manifest line for every image, written or rejected."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import re
+import secrets
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -13,6 +17,7 @@ from .base import Hook, OutputImage, Provenance, Verdict
 MANIFEST = "manifest.jsonl"
 EXIF_USER_COMMENT = 0x9286
 EXIF_IFD = 0x8769
+_NUMBERED = re.compile(r"(\d{1,18})-")
 
 
 class OutputPipeline:
@@ -40,24 +45,72 @@ class OutputPipeline:
         return item
 
 
-def _save_image(item: OutputImage, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    if path.suffix.lower() in (".jpg", ".jpeg"):
-        exif = Image.Exif()
-        if "parameters" in item.text:
-            # EXIF UserComment, as webui writes it for JPEG: an 8-byte charset header, then UTF-16.
-            exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\0" + item.text["parameters"].encode("utf-16-be")
-        item.image.save(tmp, format="JPEG", quality=95, exif=exif)
-    else:
-        info = PngImagePlugin.PngInfo()
-        for key, value in item.text.items():
-            info.add_itxt(key, value)
-        item.image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)  # never a half-written image under the final name
+def _save_image(item: OutputImage, path: Path) -> Path:
+    """Write the image under `path`, or the first free name after it; returns the name it got."""
+    # A name of its own (process and random part): two writers into one folder never share one.
+    tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
+    try:
+        if path.suffix.lower() in (".jpg", ".jpeg"):
+            exif = Image.Exif()
+            if "parameters" in item.text:
+                # EXIF UserComment, as webui writes it for JPEG: an 8-byte charset header, then UTF-16.
+                exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\0" + item.text["parameters"].encode("utf-16-be")
+            item.image.save(tmp, format="JPEG", quality=95, exif=exif)
+        else:
+            info = PngImagePlugin.PngInfo()
+            for key, value in item.text.items():
+                info.add_itxt(key, value)
+            item.image.save(tmp, format="PNG", pnginfo=info)
+        return _claim(tmp, path)  # never a half-written image under the final name
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _claim(tmp: Path, path: Path) -> Path:
+    """Give `tmp` the name `path`, or `<stem>-2<suffix>`, `-3`, ... when that is taken: an image
+    never replaces another, even one another process wrote a moment ago."""
+    for k in itertools.count(1):
+        target = path if k == 1 else path.with_name(f"{path.stem}-{k}{path.suffix}")
+        try:
+            os.link(tmp, target)  # fails if the name exists, atomically
+        except FileExistsError:
+            continue
+        except OSError:  # a file system without hard links: check, then rename
+            if target.exists() or target.is_symlink():
+                continue
+            tmp.replace(target)
+        return target
+
+
+def read_manifest(folder: Path) -> list[dict]:
+    """The rows of `folder`'s manifest that parse (none if it has none)."""
+    try:
+        lines = (folder / MANIFEST).read_text(encoding="utf-8").splitlines()
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def next_index(folder: Path) -> int:
+    """One past the highest number any image name in `folder` starts with, written or only planned
+    (a refused prompt's names stay its own in the manifest): where new names count on from."""
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    names += [str(row.get("planned_file") or "") for row in read_manifest(folder)]
+    numbers = [int(m.group(1)) for m in map(_NUMBERED.match, names) if m]
+    return max(numbers, default=-1) + 1
 
 
 def write_outputs(items: list[tuple[Path, OutputImage]], folder: Path, refused: list[tuple[Path, Provenance, list[Verdict]]] = ()) -> list[Path]:
-    """Write every image that passed; append one manifest line per image (and per refused prompt)."""
+    """Write every image that passed (under a free name: nothing already in `folder` is replaced); append
+    one manifest line per image (and per refused prompt), after its file exists."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     with open(folder / MANIFEST, "a", encoding="utf-8") as manifest:
@@ -69,9 +122,11 @@ def write_outputs(items: list[tuple[Path, OutputImage]], folder: Path, refused: 
             if item.rejected:
                 row["reason"] = item.rejected
             else:
-                _save_image(item, path)
-                written.append(path)
+                saved = _save_image(item, path)
+                row["file"] = saved.name
+                written.append(saved)
             manifest.write(json.dumps(row) + "\n")
+            manifest.flush()  # killed, a run loses at most the row of the image it was writing
         for path, prov, verdicts in refused:
             manifest.write(json.dumps({"file": None, "planned_file": path.name, "prompt": prov.prompt, "seed": prov.seed,
                                        "kind": prov.kind, "status": "blocked",

@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 
 from ..cache import file_sha256
-
+from ..data.images import pixel_limit
+from ..errors import FinetuneError
 from . import register_hook
 from .base import Hook, HookConfig, OutputImage, Provenance, Verdict
 
@@ -61,6 +62,10 @@ STANDARD_SIZES = ((512, 512), (512, 768), (768, 512), (768, 768), (1024, 1024), 
                   (1216, 832), (832, 1216), (1344, 768), (768, 1344), (1536, 640), (640, 1536))
 SEARCH_SIDES = (256, 512, 768, 1024, 1536, 2048)
 SEARCH_RATIO = 2.5
+# The largest image `watermark detect` decodes unless told otherwise (--max-pixels). Decoding takes
+# about 37 bytes a pixel (float RGB, luma, wavelet bands): 40 MP, which holds an 8K frame, is
+# about 1.5 GB; a 140 KB PNG claiming 12000x12000 would take 5 GB.
+DETECT_MAX_PIXELS = 40_000_000
 
 
 # --- payload --------------------------------------------------------------------------------
@@ -425,8 +430,40 @@ def _match(bits: np.ndarray, known: dict[str, str], exact: bool) -> tuple[str, i
     return best
 
 
+def open_within(path: Path, max_pixels: int = DETECT_MAX_PIXELS) -> Image.Image:
+    """The image file at `path` as RGB, decoded only once its header says it has at most
+    `max_pixels` pixels; otherwise a FinetuneError saying why it was not read (one line)."""
+    path = Path(path)
+    if not path.is_file():  # a folder, a pipe or a device would fail late, or never
+        raise FinetuneError("no such file" if not path.exists() else "not a regular file")
+    try:
+        # PIL's own limit is lifted for the header alone, so that the size can be read and named.
+        with pixel_limit(None):
+            img = Image.open(path)
+    except UnidentifiedImageError:
+        raise FinetuneError("not an image PIL can read") from None
+    except OSError as e:
+        raise FinetuneError(f"cannot open ({e.strerror or _first_line(e)})") from None
+    except (ValueError, SyntaxError, EOFError) as e:
+        raise FinetuneError(f"not an image PIL can read ({_first_line(e)})") from None
+    with img:
+        w, h = img.size
+        if w * h > max_pixels:
+            raise FinetuneError(f"{w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,} "
+                                "(--max-pixels); not decoded")
+        try:
+            return img.convert("RGB")
+        except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated or corrupt pixel data
+            raise FinetuneError(f"cannot decode ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= 120 else text[:120] + "..."
+
+
 def detect(image: Image.Image | str | Path, known: dict[str, str] | None = None,
-           profiles: list[tuple[str, int, int]] | None = None) -> dict:
+           profiles: list[tuple[str, int, int]] | None = None, max_pixels: int = DETECT_MAX_PIXELS) -> dict:
     """Look for our watermark, blind (no original needed).
 
     Tries each profile (method, strength, payload bits: the default first, then `profiles`) on the
@@ -439,10 +476,8 @@ def detect(image: Image.Image | str | Path, known: dict[str, str] | None = None,
     found), check_bits ((agreeing, CHECK_BITS)), match (the description of the known payload, or
     None), match_bits ((bits equal to it, payload bits)), match_payload, method, strength,
     payload_bits, size (where it was read), image_size, confidence (0 random .. 1 every block
-    agrees), tried (readings made)."""
-    if not isinstance(image, Image.Image):
-        image = Image.open(image)
-    image = image.convert("RGB")
+    agrees), tried (readings made). A file over `max_pixels` or unreadable raises FinetuneError."""
+    image = image.convert("RGB") if isinstance(image, Image.Image) else open_within(image, max_pixels)
     original_size = image.size
     known = known or {}
     todo = [(DEFAULT_METHOD, DEFAULT_STRENGTH, DEFAULT_BITS)]
@@ -485,30 +520,47 @@ def known_profiles(outputs_dir: Path) -> list[tuple[str, int, int]]:
     return list(dict.fromkeys(_known(Path(outputs_dir))[1]))
 
 
-def detect_report(paths: list[Path], outputs_dir: Path = Path("outputs")) -> tuple[list[str], int]:
-    """One printable line per image, and an exit code: 0 when every image carries our watermark,
-    1 when some do not, 2 when some could not be read."""
+def detect_report(paths: list[Path], outputs_dir: Path = Path("outputs"),
+                  max_pixels: int | None = None) -> tuple[list[str], int]:
+    """One printable line per file, each file on its own: a file that cannot be checked (missing,
+    not an image, corrupt, over `max_pixels`) is answered `skipped: why` and the rest are still
+    checked. Exit code: 0 when every file carries our watermark, 1 when every file was checked and
+    some carry none, 2 when some file was skipped. `max_pixels`: None for DETECT_MAX_PIXELS."""
+    max_pixels = max_pixels or DETECT_MAX_PIXELS
     known, profiles = _known(Path(outputs_dir))
     profiles = list(dict.fromkeys(profiles))
     lines, code = [], 0
     for path in paths:
         try:
-            r = detect(Path(path), known, profiles)
-        except (OSError, ValueError) as e:  # unreadable or not an image
-            lines.append(f"{path}: error: {e}")
+            r = detect(Path(path), known, profiles, max_pixels)
+        except FinetuneError as e:
+            lines.append(f"{_shown(path)}: skipped: {e}")
             code = 2
             continue
-        checks = f"check bits {r['check_bits'][0]}/{r['check_bits'][1]}"
-        where = "" if r["size"] == r["image_size"] else f", read at {r['size'][0]}x{r['size'][1]}"
-        if r["verdict"] == "found":
-            bits = ""
-            if r["match_bits"]:
-                bits = f", {r['match_bits'][0]}/{r['match_bits'][1]} bits match"
-                if r["match_payload"] != r["payload"]:
-                    bits += f" known payload {r['match_payload']}"
-            made = r["match"] or f"unknown (no run or manifest under {outputs_dir} has this payload)"
-            lines.append(f"{path}: found, payload {r['payload']}, {checks}{bits}{where}, {r['method']}: {made}")
-        else:
-            lines.append(f"{path}: not found ({checks} at best), unknown")
-            code = max(code, 1)
+        except MemoryError:
+            lines.append(f"{_shown(path)}: skipped: out of memory while decoding (a lower --max-pixels refuses it unread)")
+            code = 2
+            continue
+        lines.append(f"{_shown(path)}: {_answer(r, outputs_dir)}")
+        code = max(code, 0 if r["verdict"] == "found" else 1)
     return lines, code
+
+
+def _shown(path) -> str:
+    # A newline or escape sequence in a file name must not forge or garble a line of the report.
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
+def _answer(r: dict, outputs_dir: Path) -> str:
+    checks = f"check bits {r['check_bits'][0]}/{r['check_bits'][1]}"
+    if r["verdict"] != "found":
+        return f"not found ({checks} at best), unknown"
+    where = "" if r["size"] == r["image_size"] else f", read at {r['size'][0]}x{r['size'][1]}"
+    bits = ""
+    if r["match_bits"]:
+        bits = f", {r['match_bits'][0]}/{r['match_bits'][1]} bits match"
+        if r["match_payload"] != r["payload"]:
+            bits += f" known payload {r['match_payload']}"
+    made = r["match"] or f"unknown (no run or manifest under {outputs_dir} has this payload)"
+    return f"found, payload {r['payload']}, {checks}{bits}{where}, {r['method']}: {made}"

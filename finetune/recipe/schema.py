@@ -73,6 +73,8 @@ class DataConfig(Section):
     cache_text_embeddings: Literal["auto", True, False] = Field(
         "auto", description="Encode captions once; auto = on when the text encoder is frozen.")
     num_workers: int = Field(0, ge=0)
+    follow_symlinks: bool = Field(False, description=(
+        "Read files reached through symlinks that leave the data folder; off: they are skipped and named."))
 
     @field_validator("resolution")
     @classmethod

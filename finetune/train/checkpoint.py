@@ -4,8 +4,10 @@ A checkpoint folder `checkpoints/step-NNNNNN/` holds the method's files at that 
 their own, like the final ones) and `state/`, what accelerate saves to continue the run: the
 trained parameters (ours, as safetensors: the frozen base is never copied), optimizer (8-bit
 states included), LR scheduler, gradient scaler and RNG states. `trainer.json` holds the loop's
-own counters and position in the data order; `checkpoint.json`, written last, lists every file
-with its size and sha256.
+own counters and position in the data order, and what the data was (each example's image size
+and sha256, its caption's sha256): a position in the data order means nothing on other data, so a
+resume on changed data is refused unless asked for. `checkpoint.json`, written last, lists every
+file with its size and sha256.
 
 It is written into `checkpoints/.tmp-*`, verified, then renamed: a kill at any moment leaves either
 no new checkpoint or a complete one, never a damaged previous one. Only a folder whose
@@ -22,14 +24,14 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..errors import FinetuneError
+from ..errors import FinetuneError, safe_name
+from ..export.files import atomic_save_safetensors, new_temp
 
 MANIFEST = "checkpoint.json"
 TRAINER = "trainer.json"
@@ -50,12 +52,13 @@ class TrainerState:
     skipped_steps: int = 0
     losses: list[float] = field(default_factory=list)
     method: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # data_fingerprint() of what this run trains on
 
 
 def register_param_hooks(accelerator, groups: list[dict]) -> None:
     """Make accelerate's save_state/load_state keep only the trained parameters of each prepared
     model (named as in the model), in safetensors, instead of whole models."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     trained = {id(p) for g in groups for p in g["params"]}
 
@@ -67,8 +70,9 @@ def register_param_hooks(accelerator, groups: list[dict]) -> None:
         for i, model in enumerate(models):
             params = named(model)
             if params:
-                save_file({n: p.detach().contiguous().cpu() for n, p in params.items()},
-                          os.path.join(output_dir, PARAMS.format(i)))
+                # Not save_file: safetensors writes 0600 whatever the umask.
+                atomic_save_safetensors(os.path.join(output_dir, PARAMS.format(i)),
+                                        {n: p.detach().contiguous().cpu() for n, p in params.items()})
         weights.clear()  # the frozen base is not part of a checkpoint
 
     def load_hook(models, input_dir):
@@ -183,7 +187,7 @@ def save(checkpoints: Path, step: int, write: Callable[[Path], None], state: Tra
     checkpoints.mkdir(parents=True, exist_ok=True)
     check_free_space(checkpoints, needed)
     final = checkpoints / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=checkpoints))
+    tmp = new_temp(checkpoints, ".tmp-", Path.mkdir)
     try:
         write(tmp)
         (tmp / TRAINER).write_text(json.dumps(asdict(state)), encoding="utf-8")
@@ -214,6 +218,52 @@ def latest_valid(run_dir: Path, log: Callable[[str], None]) -> Path | None:
 
 def read_trainer_state(ckpt: Path) -> TrainerState:
     return TrainerState(**json.loads((ckpt / TRAINER).read_text(encoding="utf-8")))
+
+
+def data_fingerprint(examples) -> dict[str, list]:
+    """{example key: [image bytes, image sha256, caption sha256]}; the caption as it trains, whether
+    it came from a .txt file, a metadata row or data.instance_prompt."""
+    return {e.key: [*_image_fingerprint(e), hashlib.sha256((e.caption or "").encode()).hexdigest()]
+            for e in examples}
+
+
+def _image_fingerprint(example) -> list:
+    if example.path is not None:
+        return [example.path.stat().st_size, _sha256(example.path)]
+    raw = example.data if example.data is not None else example.image.tobytes()
+    return [len(raw), hashlib.sha256(raw).hexdigest()]
+
+
+def check_same_data(ckpt: Path, now: dict, allow_changed: bool, log: Callable[[str], None]) -> None:
+    """Refuse to resume from `ckpt` on other data than it was saved with, unless `allow_changed`."""
+    saved = read_trainer_state(ckpt).data
+    if not saved:
+        log(f"note: {ckpt} records no fingerprint of its training data (saved by an older version); "
+            "the data is not compared")
+        return
+    changes = _changes(saved, now)
+    if not changes:
+        return
+    if allow_changed:
+        log(f"warning: --allow-changed-data: resuming on changed training data ({changes}); "
+            "the run no longer continues exactly as it would have")
+        return
+    raise FinetuneError(f"--resume: the training data changed since {ckpt.name} was saved: {changes}; a resumed "
+                        "run continues exactly only on the same data. Restore it, or pass --allow-changed-data "
+                        "to go on with the data as it is now")
+
+
+def _changes(saved: dict, now: dict) -> str:
+    both = saved.keys() & now.keys()
+    found = {"added": now.keys() - saved.keys(), "removed": saved.keys() - now.keys(),
+             "image changed": {k for k in both if saved[k][:2] != now[k][:2]},
+             "caption changed": {k for k in both if saved[k][2:] != now[k][2:]}}
+    return ", ".join(f"{len(keys)} {what} ({_some(keys)})" for what, keys in found.items() if keys)
+
+
+def _some(keys, n: int = 3) -> str:
+    keys = sorted(keys)
+    return ", ".join(map(safe_name, keys[:n])) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
 def discard_after(run_dir: Path, ckpt: Path, step: int) -> None:

@@ -4,9 +4,7 @@ what is saved; the loop does the accumulation, precision, logging, sampling and 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +13,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import FinetuneError
+from ..errors import FinetuneError, safe_name
 from . import checkpoint as ckpt
 from .batches import BatchSource, fork_rng
 from .optim import build_optimizer
-from .run_dir import MetricsLog, create_run_dir, find_resume, plan_run_dir
+from .run_dir import MetricsLog, open_run, owned
 from .signals import GracefulStop
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -85,16 +83,10 @@ def decide_caching(recipe, dataset, method) -> tuple[bool, bool]:
 
 
 def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = print,
-          progress: bool = True, resume: str | None = None) -> RunResult:
-    """Train as `recipe` says. `resume`: "latest" or a run folder / checkpoint to continue exactly."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
-    from diffusers.training_utils import cast_training_params
-
+          progress: bool = True, resume: str | None = None, allow_changed_data: bool = False) -> RunResult:
+    """Train as `recipe` says. `resume`: "latest" or a run folder / checkpoint to continue exactly;
+    refused when the training data changed since, unless `allow_changed_data`."""
     from ..data import ImageCaptionDataset, discover_examples
-    from ..data.prior import ensure_class_images
-    from ..methods import get_method
 
     preflight(recipe)
     tr = recipe.training
@@ -104,12 +96,27 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     dataset = ImageCaptionDataset(examples, recipe.data, seed=tr.seed)
     log(f"data: {len(examples)} images x {recipe.data.repeats} repeats from {recipe.data.path}")
 
-    resume_from = None
-    if resume:
-        run_dir, run_name, resume_from = find_resume(recipe, recipe_path, resume, log)
-    else:
-        run_dir, run_name = plan_run_dir(recipe, recipe_path)
+    # The folder is this run's (created, or locked for a resume) before any model loads.
+    run_dir, run_name, resume_from, lock = open_run(recipe, recipe_path, resume, log)
+    with owned(run_dir, lock, log):
+        if resume_from is not None:
+            ckpt.check_same_data(resume_from, ckpt.data_fingerprint(examples), allow_changed_data, log)
+        return _load_and_train(recipe, log, progress, family, source, examples, dataset, run_dir, run_name,
+                               resume_from)
+
+
+def _load_and_train(recipe, log, progress, family, source, examples, dataset, run_dir, run_name,
+                    resume_from) -> RunResult:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+    from diffusers.training_utils import cast_training_params
+
+    from ..data.prior import ensure_class_images
     from ..hooks import build_pipeline
+    from ..methods import get_method
+
+    tr = recipe.training
 
     # Before the model loads: a configured filter that cannot load stops the run now (fail closed).
     output_hooks = build_pipeline(recipe.output.hooks, log)
@@ -151,23 +158,9 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     apply_memory_options(c, method, tr)
     n_trainable = method.trainable_parameter_count(groups)
     log(f"method {recipe.method.type}: {n_trainable:,} trainable parameters")
-    if resume_from is None:
-        create_run_dir(run_dir, recipe)
     log(f"run folder: {run_dir}")
-    with _discard_if_failed(run_dir):
-        return _train_loop(recipe, log, progress, accelerator, family, source, c, method, groups, dataset,
-                           examples, class_files, run_dir, run_name, weight_dtype, output_hooks, resume_from)
-
-
-@contextlib.contextmanager
-def _discard_if_failed(run_dir: Path):
-    try:
-        yield
-    except BaseException:
-        # A run that dies before its first checkpoint leaves nothing worth keeping.
-        if not (run_dir / "checkpoints").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    return _train_loop(recipe, log, progress, accelerator, family, source, c, method, groups, dataset,
+                       examples, class_files, run_dir, run_name, weight_dtype, output_hooks, resume_from)
 
 
 def _non_finite(loss, step: int, keys: list[str], recipe, in_a_row: int, log) -> None:
@@ -178,7 +171,7 @@ def _non_finite(loss, step: int, keys: list[str], recipe, in_a_row: int, log) ->
     else:
         cause = (f"training.learning_rate {tr.learning_rate:g} is likely too high (or an image is broken: "
                  "finetune dataset check)")
-    what = f"loss became {loss.item()} at step {step} on {', '.join(keys)}"
+    what = f"loss became {loss.item()} at step {step} on {', '.join(map(safe_name, keys))}"
     if tr.on_nan == "stop":
         raise FinetuneError(f"{what}; {cause}. training.on_nan: skip skips such batches instead")
     if in_a_row > tr.max_skipped_in_a_row:
@@ -282,6 +275,7 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
             method.save(c, folder, recipe.output, run_name)  # usable on their own, like the final files
             accelerator.save_state(str(folder / ckpt.STATE))
 
+        state.data = state.data or ckpt.data_fingerprint(examples)
         folder = run_dir / "checkpoints"
         return ckpt.save(folder, state.step, write, state, ckpt.estimate_size(folder, groups),
                          recipe.output.keep_last_checkpoints)
@@ -292,6 +286,7 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
         # scheduler and trained weights become those of the checkpoint.
         accelerator.load_state(str(resume_from / ckpt.STATE))
         state = ckpt.read_trainer_state(resume_from)
+        state.data = {}  # recorded afresh at the next save: the data may have changed (--allow-changed-data)
         method.load_state_dict(state.method, c)
         ckpt.discard_after(run_dir, resume_from, state.step)
         log(f"resuming from {resume_from} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")

@@ -10,46 +10,69 @@ from pathlib import Path
 import torch
 
 from ..hooks.base import OutputImage, Provenance
-from ..hooks.pipeline import OutputPipeline, write_outputs
+from ..hooks.pipeline import OutputPipeline, next_index, write_outputs
+from ..prompts import excerpt
 
 
 def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-")[:n].lower() or "prompt"
 
 
+# Images made by one pipeline call: a row asking for hundreds is made, screened and written in
+# slices, so memory stays flat and an interruption keeps what is done. Each image has its own
+# generator, so slicing does not change which image a seed gives.
+BATCH = 8
+
+
 @torch.no_grad()
 def emit_images(pipe, prompts: list[str], hooks: OutputPipeline, folder: Path, *, seed: int, n: int = 1,
                 steps: int = 25, guidance: float = 7.5, negative_prompt: str | None = None,
                 width: int | None = None, height: int | None = None, autocast=None,
-                provenance: Provenance | None = None, first_index: int = 0) -> list[Path]:
-    """Generate n images per prompt and write those the hooks let through.
+                provenance: Provenance | None = None, first_index: int | None = None, log=None) -> list[Path]:
+    """Generate n images per prompt and write those the hooks let through; `log` (if given) hears
+    one line per refused prompt and per rejected image.
 
     Image k (counting prompt by prompt) uses seed `seed + k` on its own generator, so any single
     image is reproduced by asking for it alone with that seed; its provenance says so. File names
-    count from `first_index`, so several calls can write into one folder.
+    count from `first_index`, by default on from the highest number already in `folder` (files or
+    manifest), so a second call into the same folder adds images and never replaces one.
     """
-    device = pipe.unet.device if hasattr(pipe, "unet") else pipe.device
     base = provenance or Provenance(prompt="")
-    out, refused, k = [], [], 0
+    first = next_index(folder) if first_index is None else first_index
+    written, k = [], 0
     for prompt in prompts:
-        seeds = list(range(seed + k, seed + k + n))
-        names = [folder / f"{first_index + k + i:02d}-{slug(prompt)}-{i}.png" for i in range(n)]
+        names = [folder / f"{first + k + i:02d}-{slug(prompt)}-{i}.png" for i in range(n)]
+        provs = [replace(base, prompt=prompt, negative_prompt=negative_prompt, seed=seed + k + i, steps=steps,
+                         guidance=guidance, width=width, height=height) for i in range(n)]
         k += n
-        provs = [replace(base, prompt=prompt, negative_prompt=negative_prompt, seed=s, steps=steps, guidance=guidance,
-                         width=width, height=height) for s in seeds]
         refusals = hooks.check_prompt(provs[0])
         if refusals:
-            refused += [(name, prov, refusals) for name, prov in zip(names, provs)]
+            if log:
+                why = "; ".join(f"{v.hook}: {v.reason}" for v in refusals)
+                log(f"refused: prompt {excerpt(prompt)} ({n} image(s) not generated): {why}")
+            written += write_outputs([], folder, [(name, prov, refusals) for name, prov in zip(names, provs)])
             continue
-        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        ctx = autocast() if autocast else torch.autocast(device.type, enabled=False)
-        with ctx:
-            images = pipe(prompt, negative_prompt=negative_prompt, num_images_per_prompt=n, num_inference_steps=steps,
-                          guidance_scale=guidance, generator=generators, width=width, height=height).images
-        for name, prov, image in zip(names, provs, images):
-            prov = replace(prov, width=image.width, height=image.height)
-            out.append((name, hooks.process(OutputImage(image=image, provenance=prov))))
-    return write_outputs(out, folder, refused)
+        for i in range(0, n, BATCH):
+            items = _generate(pipe, provs[i:i + BATCH], hooks, autocast)
+            for name, item in zip(names[i:i + BATCH], items):
+                if item.rejected and log:
+                    log(f"rejected: {name.name} ({item.rejected})")
+            written += write_outputs(list(zip(names[i:i + BATCH], items)), folder)
+    return written
+
+
+def _generate(pipe, provs: list[Provenance], hooks: OutputPipeline, autocast) -> list[OutputImage]:
+    """One image per provenance (all of one prompt), each passed through the hooks."""
+    p = provs[0]
+    device = pipe.unet.device if hasattr(pipe, "unet") else pipe.device
+    generators = [torch.Generator(device="cpu").manual_seed(prov.seed) for prov in provs]
+    ctx = autocast() if autocast else torch.autocast(device.type, enabled=False)
+    with ctx:
+        images = pipe(p.prompt, negative_prompt=p.negative_prompt, num_images_per_prompt=len(provs),
+                      num_inference_steps=p.steps, guidance_scale=p.guidance, generator=generators,
+                      width=p.width, height=p.height).images
+    return [hooks.process(OutputImage(image=image, provenance=replace(prov, width=image.width, height=image.height)))
+            for prov, image in zip(provs, images)]
 
 
 def grid(images: list, columns: int | None = None):
