@@ -28,6 +28,13 @@ def _quiet_libraries(models: bool) -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        # Python's format is two lines with a library's source path; ours name the file at fault.
+        first = (str(message).strip().splitlines() or [category.__name__])[0]
+        typer.secho(f"warning: {first}", fg="yellow", err=True)
+
+    warnings.showwarning = one_line
     for name in ("bitsandbytes", "transformers", "diffusers", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if not models:

@@ -279,3 +279,46 @@ def test_watermark_detect_escapes_control_characters_in_names(tmp_path):
     r = invoke("watermark", "detect", odd, "--outputs", tmp_path / "none")
     (line,) = error_lines(r.output)  # the newline cannot forge a second answer
     assert line.startswith(repr(str(odd)) + ": not found")
+
+
+def test_watermark_detect_reads_manifests_like_every_other_reader(tmp_path):
+    from finetune.hooks.watermark import known_payloads
+
+    outputs = tmp_path / "outputs"
+    mark = {"hook": "watermark", "watermarked": True, "payload": "ab" * 8, "method": "dwtDctSvd", "strength": 30,
+            "payload_bits": 64}
+    (outputs / "g").mkdir(parents=True)
+    (outputs / "g" / "manifest.jsonl").write_text("\n".join([
+        "[1, 2]", "not json", "",  # rows no writer of ours makes: passed over, as next_index passes them
+        json.dumps({"file": "00-a-cat-0.png", "prompt": "a cat", "verdicts": ["junk", mark]})]) + "\n")
+    (outputs / "h").mkdir()
+    (outputs / "h" / "manifest.jsonl").write_bytes(b"\xff\xfe not UTF-8\n")  # unreadable: the others still count
+    (outputs / "i" / "manifest.jsonl").mkdir(parents=True)
+    assert known_payloads(outputs) == {"ab" * 8: "g/00-a-cat-0.png (prompt 'a cat')"}
+
+
+# --- validation samples during training --------------------------------------------------------------
+
+def test_validation_samples_refused_or_rejected_during_training_are_printed(tiny_sd15, tmp_path):
+    import yaml
+
+    from .helpers import make_image_folder, tiny_recipe
+
+    raw = tiny_recipe(tiny_sd15, make_image_folder(tmp_path / "data", n=2), tmp_path / "out", training__max_steps=1)
+    raw["validation"]["prompts"] = ["a photo of sks ball", "a g\u043ere scene"]
+    # 64 px samples are under the watermark's minimum area: `reject` turns each one away.
+    raw["output"]["hooks"] = [{"type": "prompt_filter", "block": ["gore"]},
+                              {"type": "watermark", "min_size_action": "reject"}]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    r = invoke("train", recipe, "--no-progress")
+    assert r.exit_code == 0, r.output
+    samples = tmp_path / "out" / "run" / "samples" / "step-000001"
+    lines = r.output.splitlines()
+    assert ("refused: prompt 'a g\u043ere scene' (1 image(s) not generated): prompt_filter: blocked term 'gore'"
+            in lines), r.output
+    assert [line for line in lines if line.startswith("rejected: ")] == [
+        "rejected: 00-a-photo-of-sks-ball-0.png (watermark: 64x64 is below the watermark's minimum area of "
+        "256x256 pixels; min_size_action: reject)"], r.output
+    assert not list(samples.glob("*.png"))
+    assert [row["status"] for row in manifest(samples)] == ["rejected", "blocked"]

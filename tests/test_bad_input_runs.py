@@ -147,22 +147,49 @@ def test_disk_full_after_the_final_save_keeps_the_final_files_readable(tiny_sd15
     raw = tiny_recipe(tiny_sd15, make_image_folder(tmp_path / "data", n=2), tmp_path / "out", training__max_steps=2)
     raw["validation"]["prompts"] = ["a photo of sks ball"]  # sampled once, after the adapter files are written
     monkeypatch.setattr(Image.Image, "save", disk_full)
-    logs = []
+    recipe = tmp_path / "full.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
     old = os.umask(0o022)
     try:
-        with pytest.raises(OSError) as e:
-            train(validate(raw, "t"), log=logs.append, progress=False)
+        r = invoke("train", recipe, "--no-progress")
     finally:
         os.umask(old)
-    assert e.value.errno == errno.ENOSPC
     run = tmp_path / "out" / "run"
+    assert r.exit_code == 1, r.output
+    # One line: what could not be written, why, and what the run folder kept; no OSError, no traceback.
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.output and "OSError" not in r.output, r.output
+    assert errors[0].startswith(f"error: cannot write {run / 'samples' / 'step-000002'}/.tmp-"), errors
+    assert errors[0].endswith(".png: no space left on the device; "
+                              f"{run} keeps what it completed: pytorch_lora_weights.safetensors, run.safetensors")
     finals = [run / "pytorch_lora_weights.safetensors", run / "run.safetensors"]
     for f in finals:
         assert load_file(f), f
         assert _mode(f) == 0o644, f  # a ComfyUI service account can read it, like any other output
-    assert any(f"{run} keeps what it completed: pytorch_lora_weights.safetensors, run.safetensors" in x
-               for x in logs), logs
     assert not (run / LOCK).exists()
+
+
+@pytest.mark.parametrize("code,why", [(errno.ENOSPC, "no space left on the device"),
+                                      (errno.EDQUOT, "the disk quota is exceeded"),
+                                      (errno.EROFS, "the file system is read-only")])
+def test_a_full_disk_before_anything_is_complete_says_so_and_keeps_the_original(tiny_sd15, tmp_path, monkeypatch,
+                                                                                 code, why):
+    from finetune.train.run_dir import MetricsLog
+
+    def full(self, **row):  # a write() fails without a file name; wrapped, as libraries often do
+        try:
+            raise OSError(code, os.strerror(code))
+        except OSError as e:
+            raise RuntimeError("PytorchStreamWriter failed writing file") from e
+
+    monkeypatch.setattr(MetricsLog, "write", full)
+    raw = tiny_recipe(tiny_sd15, make_image_folder(tmp_path / "data", n=2), tmp_path / "out", training__max_steps=2)
+    with pytest.raises(FinetuneError) as e:
+        train(validate(raw, "t"), log=quiet, progress=False)
+    run = tmp_path / "out" / "run"
+    assert str(e.value) == f"cannot write to {run}: {why}; nothing was complete yet, so {run} was removed"
+    assert isinstance(e.value.__cause__, RuntimeError) and e.value.__cause__.__cause__.errno == code
+    assert not run.exists()
 
 
 def test_a_run_that_fails_with_nothing_worth_keeping_frees_its_name(tiny_sd15, tmp_path, monkeypatch):
@@ -275,6 +302,50 @@ def test_control_characters_in_file_names_are_escaped_in_every_message(tmp_path)
     assert "\n" not in str(e.value) and "\r" not in str(e.value) and "(first: a\\nb\\r.png: 0 bytes)" in str(e.value)
 
 
+def test_image_load_errors_at_training_time_escape_file_names(tmp_path):
+    from finetune.data.images import load_image
+
+    with pytest.raises(FinetuneError) as e:
+        load_image(tmp_path / "gone\nerror: forged.png")
+    assert str(e.value) == f"image {tmp_path}/gone\\nerror: forged.png does not exist"
+    cut = tmp_path / "cut\x1b[31m.png"
+    draw_subject(1).save(tmp_path / "whole.png")
+    cut.write_bytes((tmp_path / "whole.png").read_bytes()[:100])
+    with pytest.raises(FinetuneError) as e:
+        load_image(cut)
+    assert str(e.value).startswith(f"cannot read image {tmp_path}/cut\\x1b[31m.png: ") and "\x1b" not in str(e.value)
+
+
+def test_dataset_rows_naming_files_outside_the_data_folder_are_skipped(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    from finetune.data.sources import _dataset_confinement
+
+    saved, outside = tmp_path / "saved", make_image_folder(tmp_path / "outside", n=1)
+    paths = ["img0.png", str(saved / "img1.png"), str(outside / "img0.png"), "../outside/img0.png", "a\0b.png"]
+    datasets.Dataset.from_dict({"image": paths, "text": ["a photo"] * len(paths)}).save_to_disk(str(saved))
+    make_image_folder(saved, n=2)
+    cfg = DataConfig(path=str(saved), resolution=64, source="datasets")
+    report = check_dataset(cfg)
+    assert report.names("outside_folder") == ["train[2]", "train[3]", "train[4]"]
+    assert sorted(e.key for e in report.usable) == ["train[0]", "train[1]"]
+    said = "\n".join(report.summary())
+    assert (f"  train[2]: its image path {outside / 'img0.png'} leading out of the data folder; not read "
+            "(data.follow_symlinks: true reads it)") in said
+    assert "its image path a\\x00b.png leading out" in said and "\0" not in said
+    report = check_dataset(cfg.model_copy(update={"follow_symlinks": True}))
+    assert sorted(e.key for e in report.usable) == ["train[0]", "train[1]", "train[2]", "train[3]"]
+
+    # A hub dataset has no folder: its rows may name what it downloaded into the caches, nothing else.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "ds-cache")
+    inside = _dataset_confinement(tmp_path / "owner" / "name", follow=False)
+    assert not inside.leaves(tmp_path / "hub" / "datasets--owner--name" / "x.png")
+    assert not inside.leaves(tmp_path / "ds-cache" / "downloads" / "x.png")
+    assert inside.leaves(outside / "img0.png")
+
+
 # ---------------------------------------------------------------- resume on changed data
 
 
@@ -324,3 +395,38 @@ def test_a_checkpoint_records_the_data_it_was_trained_on(tiny_sd15, tmp_path):
     assert size == (data / "img0.png").stat().st_size and len(digest) == len(caption) == 64
     # Names, sizes and hashes only: no caption text is copied into the checkpoint.
     assert "a photo of sks ball" not in (saved / ckpt.TRAINER).read_text()
+
+
+# ---------------------------------------------------------------- methods' outputs and messages
+
+
+def test_dreambooth_model_folder_is_readable_like_every_other_output(tiny_sd15, tmp_path):
+    raw = tiny_recipe(tiny_sd15, make_image_folder(tmp_path / "data", n=2, sizes=((64, 64),)), tmp_path / "out",
+                      training__max_steps=1)
+    raw["method"] = {"type": "dreambooth", "single_file": False}
+    old = os.umask(0o022)
+    try:
+        run = train(validate(raw, "t"), log=quiet, progress=False).run_dir
+    finally:
+        os.umask(old)
+    model = run / "model"
+    files = [p for p in model.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files), files  # what safetensors writes 0600
+    assert _mode(model) == 0o755 and all(_mode(p) == 0o755 for p in model.rglob("*") if p.is_dir())
+    assert {p.relative_to(model).as_posix(): _mode(p) for p in files} == {p.relative_to(model).as_posix(): 0o644
+                                                                           for p in files}
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_a_caption_without_the_placeholder_is_quoted_short_and_escaped(tiny_sd15, tmp_path):
+    caption = "\x1b[31ma red ball\nerror: forged " + "on a table " * 50
+    raw = tiny_recipe(tiny_sd15, make_image_folder(tmp_path / "data", n=2, caption=caption), tmp_path / "out",
+                      training__max_steps=1)
+    raw["method"] = {"type": "textual_inversion", "placeholder_token": "<sks-ball>", "initializer_token": "x"}
+    with pytest.raises(FinetuneError) as e:
+        train(validate(raw, "t"), log=quiet, progress=False)
+    message = str(e.value)
+    assert message.startswith("method.placeholder_token: the training caption '\\x1b[31ma red ball\\nerror: forged "
+                              "on a table "), message
+    assert "... (" in message and " characters)' does not contain '<sks-ball>'" in message
+    assert "\x1b" not in message and "\n" not in message and message.count("on a table") < 10

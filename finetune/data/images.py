@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import FinetuneError
+from ..errors import FinetuneError, safe_name
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
@@ -51,6 +51,28 @@ def pixel_limit(max_pixels: int):
         Image.MAX_IMAGE_PIXELS = old
 
 
+class ImageWarning(UserWarning):
+    """A library's warning about one image, re-issued with the image's name."""
+
+
+_reported: set[tuple[str, str]] = set()
+
+
+@contextlib.contextmanager
+def warnings_named(name: str):
+    """Warnings raised while reading one image (PIL's EXIF ones, numpy casts), which name no file,
+    re-issued as one-line ImageWarnings naming it: once per file and message, as an image is read
+    again every epoch (and catch_warnings resets Python's own once-only memory)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        text = safe_name(" ".join(str(w.message).split()))[:200]
+        if (name, text) not in _reported:
+            _reported.add((name, text))
+            warnings.warn(f"image {safe_name(name)}: {text}", ImageWarning, stacklevel=3)
+
+
 def too_many_pixels(found: Exception | int, max_pixels: int) -> str:
     """Why an image is refused, in our terms: its size (a pixel count, or PIL's decompression-bomb
     error, which holds one) and the setting that would allow it."""
@@ -65,37 +87,37 @@ def _open(source, name: str, max_pixels: int) -> Image.Image:
     try:
         return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     except FileNotFoundError:
-        raise FinetuneError(f"image {name} does not exist") from None
+        raise FinetuneError(f"image {safe_name(name)} does not exist") from None
     except _BOMB_ERRORS as e:
-        raise FinetuneError(f"image {name}: {too_many_pixels(e, max_pixels)}") from None
+        raise FinetuneError(f"image {safe_name(name)}: {too_many_pixels(e, max_pixels)}") from None
     except (OSError, ValueError) as e:
-        raise FinetuneError(f"cannot read image {name}: {e}") from None
+        raise FinetuneError(f"cannot read image {safe_name(name)}: {safe_name(e)}") from None
 
 
 def load_image(path, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode `path` (a file path or the encoded bytes of an image) to RGB; errors name the file."""
     name = name or str(path)
-    with pixel_limit(max_pixels), _open(path, name, max_pixels) as img:
+    with warnings_named(name), pixel_limit(max_pixels), _open(path, name, max_pixels) as img:
         try:
             img.load()  # decode now, so a truncated file fails here with its name, not later in a worker
         except _BOMB_ERRORS as e:
-            raise FinetuneError(f"image {name}: {too_many_pixels(e, max_pixels)}") from None
+            raise FinetuneError(f"image {safe_name(name)}: {too_many_pixels(e, max_pixels)}") from None
         except (OSError, ValueError, SyntaxError) as e:
-            raise FinetuneError(f"cannot read image {name}: {e}") from None
+            raise FinetuneError(f"cannot read image {safe_name(name)}: {safe_name(e)}") from None
         return to_rgb(img, name)
 
 
 def image_size(path, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) as `load_image` will return it, from the header only (no pixel decoding)."""
     name = name or str(path)
-    with pixel_limit(max_pixels), _open(path, name, max_pixels) as img:
+    with warnings_named(name), pixel_limit(max_pixels), _open(path, name, max_pixels) as img:
         return oriented_size(img, name)
 
 
 def oriented_size(img: Image.Image, name: str = "image") -> tuple[int, int]:
     w, h = img.size
     if w == 0 or h == 0:
-        raise FinetuneError(f"image {name} has no pixels ({w}x{h})")
+        raise FinetuneError(f"image {safe_name(name)} has no pixels ({w}x{h})")
     try:
         orientation = img.getexif().get(_EXIF_ORIENTATION)
     except Exception:  # a broken EXIF block must not make a readable image unusable
@@ -106,7 +128,7 @@ def oriented_size(img: Image.Image, name: str = "image") -> tuple[int, int]:
 def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
     """Upright, 8-bit RGB; transparency becomes white rather than whatever the hidden pixels hold."""
     if img.width == 0 or img.height == 0:
-        raise FinetuneError(f"image {name} has no pixels ({img.width}x{img.height})")
+        raise FinetuneError(f"image {safe_name(name)} has no pixels ({img.width}x{img.height})")
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # keep the image as stored rather than reject it for unusable EXIF
@@ -123,7 +145,7 @@ def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
         try:
             img = img.convert("RGB")
         except (ValueError, OSError) as e:
-            raise FinetuneError(f"cannot convert image {name} (mode {img.mode}) to RGB: {e}") from None
+            raise FinetuneError(f"cannot convert image {safe_name(name)} (mode {img.mode}) to RGB: {safe_name(e)}") from None
     return img
 
 

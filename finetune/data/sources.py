@@ -103,12 +103,14 @@ def looks_like_hub_dataset(raw: str) -> bool:
 
 
 def resolve_data_path(raw: str, base_dir: Path | None) -> Path:
-    """data.path as given if it exists, else relative to the recipe's folder."""
+    """data.path as given if it exists, else relative to the recipe's folder, else to the folder
+    above it: bundled recipes sit in recipes/ beside their sample data in datasets/, and must find
+    it from any working directory (not take `datasets/robot` for a hub dataset's name)."""
     path = Path(raw).expanduser()
     if not path.is_absolute() and not path.exists() and base_dir is not None:
-        candidate = Path(base_dir) / path
-        if candidate.exists():
-            return candidate
+        for folder in (Path(base_dir), Path(base_dir).parent):
+            if (folder / path).exists():
+                return folder / path
     return path
 
 
@@ -169,12 +171,18 @@ class _Confinement:
     anything with data.follow_symlinks. A link out of the folder would otherwise train on, and
     print from, any file this account can read."""
 
-    def __init__(self, folder: Path, follow: bool):
-        self.root = folder.resolve()
+    def __init__(self, folder: Path, follow: bool, *more_folders: Path):
+        self.roots = [f.resolve() for f in (folder, *more_folders)]
         self.follow = follow
 
     def leaves(self, path: Path) -> bool:
-        return not self.follow and not path.resolve().is_relative_to(self.root)
+        if self.follow:
+            return False
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL in a row's path: not shown to stay inside
+            return True
+        return not any(real.is_relative_to(root) for root in self.roots)
 
 
 def _outside(what: str) -> tuple[str, str]:
@@ -309,23 +317,40 @@ def _from_datasets(cfg, path: Path) -> list[Example]:
     if isinstance(ds.features[cfg.image_column], datasets.Image):
         # Keep the encoded bytes: decoding every image up front would hold the whole set in memory.
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+    inside = _dataset_confinement(path, cfg.follow_symlinks)
     examples = []
     for i, row in enumerate(ds.select_columns([cfg.image_column, cfg.caption_column])):
         caption, issue = _row_caption(row[cfg.caption_column], cfg, "column")
         example = Example(key=f"{cfg.split}[{i}]", caption=caption, caption_issue=issue)
-        _attach_image(example, row[cfg.image_column], path)
+        _attach_image(example, row[cfg.image_column], path, inside)
         examples.append(example)
     return examples
 
 
-def _attach_image(example: Example, value, base: Path) -> None:
+def _dataset_confinement(path: Path, follow: bool) -> _Confinement:
+    """Where a dataset's rows may name files: its folder; for a hub dataset (no folder), the caches
+    its files were downloaded to."""
+    if path.is_dir():
+        return _Confinement(path, follow)
+    import datasets
+    from huggingface_hub import constants
+
+    return _Confinement(Path(constants.HF_HUB_CACHE), follow, Path(datasets.config.HF_DATASETS_CACHE))
+
+
+def _attach_image(example: Example, value, base: Path, inside: _Confinement) -> None:
     # A row with no usable image keeps none; the check reports it.
     if isinstance(value, Image.Image):
         example.image = value
     elif isinstance(value, dict) and value.get("bytes"):
         example.data = value["bytes"]
-    elif isinstance(value, dict) and value.get("path"):
-        example.path = Path(value["path"])
-    elif isinstance(value, str) and value:
-        p = Path(value)
-        example.path = p if p.is_absolute() or not base.is_dir() else base / p
+    else:
+        raw = value.get("path") if isinstance(value, dict) else value
+        if not isinstance(raw, str) or not raw:
+            return
+        path = Path(raw) if Path(raw).is_absolute() or not base.is_dir() else base / raw
+        # A row's path is text from whoever made the set: unconfined, it could name any file this account reads.
+        if inside.leaves(path):
+            example.refused = _outside(f"its image path {safe_name(raw)}")
+        else:
+            example.path = path

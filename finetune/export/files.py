@@ -49,13 +49,19 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch
 def replace_as_output(written: Path, target: Path) -> Path:
     """Move a file another library wrote (diffusers, through safetensors) over `target`, with the
     mode of any new output file."""
-    probe = _new_temp_file(target)
-    try:
-        os.chmod(written, _mode(probe))
-        os.replace(written, target)
-    finally:
-        probe.unlink(missing_ok=True)
+    os.chmod(written, _output_mode(target))
+    os.replace(written, target)
     return target
+
+
+def give_output_modes(tree: Path) -> Path:
+    """Give every file another library wrote under `tree` (diffusers' `save_pretrained`, whose
+    safetensors files are 0600) the mode of any new output file."""
+    mode = _output_mode(tree / "probe")
+    for path in tree.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+    return tree
 
 
 def new_temp(parent: Path, prefix: str, create: Callable[[Path], object]) -> Path:
@@ -74,6 +80,15 @@ def new_temp(parent: Path, prefix: str, create: Callable[[Path], object]) -> Pat
 def _new_temp_file(path: Path) -> Path:
     return new_temp(path.parent, f".{path.name}.tmp-",
                     lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
+
+
+def _output_mode(path: Path) -> int:
+    """The mode a new file beside `path` gets (umask, the folder's default ACL), found by making one."""
+    probe = _new_temp_file(path)
+    try:
+        return _mode(probe)
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _mode(path: Path) -> int:

@@ -189,3 +189,73 @@ class Family:
     def save_single_file(self, c: Components, path: Path, dtype: torch.dtype) -> Path:
         """The whole model as one checkpoint in the original layout webui and ComfyUI load."""
         raise NotImplementedError(f"single-file export is not available for the {self.name} family")
+
+
+def vae_problem(vae: str, offline_cache: bool = True) -> str | None:
+    """What is wrong with `model.vae` (a diffusers VAE folder or hub id), found without loading it;
+    worded as the families' loaders word a VAE that fails to load ("cannot load ...")."""
+    p = Path(vae).expanduser()
+    expected = "expected a diffusers VAE folder (with config.json) or a hub id (owner/name)"
+    if p.is_dir():
+        return None if (p / "config.json").is_file() or (p / "vae" / "config.json").is_file() else \
+            f"cannot load {vae}: a folder without config.json (nor vae/config.json), so not a diffusers VAE"
+    if p.exists():
+        return f"cannot load {vae}: it is a file; {expected}"
+    if vae.startswith((".", "/", "~")) or vae.count("/") != 1:
+        return f"cannot load {vae}: it does not exist; {expected}"
+    if not offline_cache:
+        return None
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE and not any(_cached(vae, f, None) for f in ("config.json", "vae/config.json")):
+        return f"cannot load {vae}: not in the local hub cache, and HF_HUB_OFFLINE is set, so not downloaded"
+    return None
+
+
+def _cached(repo: str, filename: str, revision: str | None) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename, revision=revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def model_file(source: ModelSource, filename: str, revision: str | None = None) -> Path | None:
+    """One file of a diffusers model (model_index.json, unet/config.json) if it is at hand: in a
+    local folder or already in the hub cache. Never downloads; None for a single-file checkpoint."""
+    if source.kind == "folder":
+        path = Path(source.location) / filename
+        return path if path.is_file() else None
+    return _cached(source.location, filename, revision) if source.kind == "hub" else None
+
+
+def read_json(path: Path | None) -> dict | None:
+    """A JSON object from `path`, or None if there is no such file or it holds something else."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# Only these libraries' classes are built from a model_index.json: it names a module to import.
+_COMPONENT_LIBRARIES = ("diffusers", "transformers")
+
+
+def meta_component(source: ModelSource, index: dict, name: str, revision: str | None = None):
+    """The pipeline component `name` (unet, transformer, text_encoder) built from its config on the
+    meta device: its module names and types, no weights, no memory. None when its config is not at hand."""
+    import importlib
+
+    from accelerate import init_empty_weights
+
+    library, class_name = (index.get(name) or [None, None])[:2]
+    config = model_file(source, f"{name}/config.json", revision)
+    if library not in _COMPONENT_LIBRARIES or not class_name or config is None:
+        return None
+    cls = getattr(importlib.import_module(library), class_name, None)
+    if cls is None:
+        return None
+    with init_empty_weights():
+        if library == "diffusers":
+            return cls.from_config(cls.load_config(config.parent))
+        return cls._from_config(cls.config_class.from_pretrained(config.parent))

@@ -44,19 +44,23 @@ MLP_RATIO = 4  # FLUX.1 single-block MLP width / model width (linear1 holds q, k
 class FluxOptions(Section):
     """FLUX-only recipe keys, under `model.flux`."""
 
-    guidance_scale: float = Field(1.0, ge=0.0, description=(
+    guidance_scale: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False, description=(
         "Guidance embedding during training ([dev] only; [schnell] has none). 1.0 is what kohya's sd-scripts "
         "and ai-toolkit recommend; diffusers' example uses 3.5. Sampling still uses validation.guidance_scale."))
     timestep_sampling: Literal["logit_normal", "uniform", "mode"] = Field("logit_normal", description=(
         "How sigma is drawn per image: logit_normal = sigmoid of a normal (SD3/FLUX; kohya's 'sigmoid'), "
         "uniform, or mode (SD3 paper's mode sampling)."))
-    logit_mean: float = Field(0.0, description="logit_normal: mean of the normal.")
-    logit_std: float = Field(1.0, gt=0, description="logit_normal: its standard deviation (kohya's sigmoid_scale).")
-    mode_scale: float = Field(1.29, description="mode: the SD3 paper's scale.")
-    timestep_shift: Literal["auto"] | Annotated[float, Field(gt=0)] = Field("auto", description=(
-        "Shift sigma toward noise: auto = as the model samples (resolution-dependent for [dev], like kohya's "
-        "flux_shift; none for [schnell]); a number = that fixed shift (kohya's discrete_flow_shift, e.g. 3.1582); "
-        "1 = none."))
+    logit_mean: float = Field(0.0, ge=-10.0, le=10.0, allow_inf_nan=False,
+                              description="logit_normal: mean of the normal.")
+    logit_std: float = Field(1.0, gt=0, le=10.0, allow_inf_nan=False,
+                             description="logit_normal: its standard deviation (kohya's sigmoid_scale).")
+    mode_scale: float = Field(1.29, ge=-1.0, le=1.75, allow_inf_nan=False, description=(
+        "mode: the SD3 paper's scale; its range, -1 to 2/(pi-2), keeps sigma monotonic in [0, 1]."))
+    timestep_shift: Literal["auto"] | Annotated[float, Field(gt=0, le=100.0, allow_inf_nan=False)] = Field(
+        "auto", description=(
+            "Shift sigma toward noise: auto = as the model samples (resolution-dependent for [dev], like kohya's "
+            "flux_shift; none for [schnell]); a number = that fixed shift (kohya's discrete_flow_shift, e.g. "
+            "3.1582); 1 = none."))
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
         "none", description="Per-sample loss weights from the SD3 paper (diffusers' compute_loss_weighting_for_sd3).")
     quantize: Literal["none", "int8", "nf4"] = Field("none", description=(

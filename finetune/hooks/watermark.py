@@ -42,6 +42,7 @@ from ..data.images import pixel_limit
 from ..errors import FinetuneError
 from . import register_hook
 from .base import Hook, HookConfig, OutputImage, Provenance, Verdict
+from .pipeline import MANIFEST, read_manifest
 
 METHODS = ("dwtDctSvd", "dwtDct")
 DEFAULT_METHOD = "dwtDctSvd"
@@ -368,18 +369,15 @@ def _known(outputs_dir: Path) -> tuple[dict[str, str], list[tuple[str, int, int]
                         f"run {run}, adapters in {'the run folder' if rel == '.' else rel}", n)
             add("base:" + base_name(base), base, f"base model {base_name(base)} without adapters", n)
     # Manifests record every payload the watermark hook embedded, with its file and prompt.
-    for manifest in sorted(outputs_dir.rglob("manifest.jsonl")):
+    for manifest in sorted(outputs_dir.rglob(MANIFEST)):
         try:
-            lines = manifest.read_text(encoding="utf-8").splitlines()
-        except OSError:
+            rows = read_manifest(manifest.parent)
+        except (OSError, UnicodeDecodeError):  # one unreadable manifest must not stop the detection
             continue
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for row in rows:
             for v in row.get("verdicts") or []:
-                if v.get("hook") == "watermark" and v.get("watermarked") and v.get("payload"):
+                if isinstance(v, dict) and v.get("hook") == "watermark" and v.get("watermarked") \
+                        and v.get("payload"):
                     where = manifest.parent.relative_to(outputs_dir).as_posix() if manifest.parent != outputs_dir else "."
                     known.setdefault(v["payload"], f"{where}/{row.get('file')} (prompt {row.get('prompt')!r})")
                     profiles.append(_profile(v))

@@ -8,7 +8,6 @@ recipe's `prior_preservation` section, shared with every method.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -30,7 +29,8 @@ MODEL_DIR = "model"
 class DreamBoothConfig(Section):
     type: Literal["dreambooth"] = "dreambooth"
     train_text_encoder: bool = Field(False, description="Also fine-tune the text encoder (helps identity, costs memory).")
-    text_encoder_lr: float | None = Field(None, gt=0, description="Text-encoder learning rate; default = training.learning_rate.")
+    text_encoder_lr: float | None = Field(None, gt=0, le=10.0, allow_inf_nan=False,
+                                          description="Text-encoder learning rate; default = training.learning_rate.")
     single_file: bool = Field(True, description="Also write one original-layout .safetensors checkpoint.")
 
 
@@ -58,14 +58,17 @@ class DreamBoothMethod(Method):
         return [c.denoiser, *(c.text_encoders.values() if self.cfg.train_text_encoder else [])]
 
     def save(self, c, folder: Path, output, name: str) -> list[Path]:
+        from ..export.files import give_output_modes, new_temp
+
         folder = Path(folder)
         written = []
         if "diffusers" in output.formats:
             # The trained weights as they are (fp32 master weights); replaced whole, never half-written.
             final = folder / MODEL_DIR
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=folder))
+            tmp = new_temp(folder, ".tmp-model-", Path.mkdir)  # mkdtemp's 0700 would hide the model from others
             try:
                 c.pipeline.save_pretrained(tmp, safe_serialization=True)
+                give_output_modes(tmp)
                 if final.exists():
                     shutil.rmtree(final)
                 tmp.rename(final)

@@ -19,18 +19,22 @@ if TYPE_CHECKING:
 
 class LoraConfig(Section):
     type: Literal["lora"] = "lora"
-    rank: int = Field(8, ge=1, description="LoRA rank; 4-32 for styles and subjects.")
-    alpha: float | None = Field(None, gt=0, description="LoRA alpha; default = rank (scale 1).")
+    rank: int = Field(8, ge=1, le=1024, description="LoRA rank; 4-32 for styles and subjects.")
+    alpha: float | None = Field(None, gt=0, le=65536, allow_inf_nan=False,
+                                description="LoRA alpha; default = rank (scale 1).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | None = Field(
-        None, description="UNet module names to adapt; default: the family's attention and projection layers.")
+        None, min_length=1,
+        description="UNet module names to adapt; default (unset): the family's attention and projection layers.")
     train_text_encoder: bool = False
-    text_encoder_rank: int | None = Field(None, ge=1)
-    text_encoder_alpha: float | None = Field(None, gt=0)
-    text_encoder_target_modules: list[str] | None = None
-    text_encoder_lr: float | None = Field(None, gt=0, description="Text-encoder learning rate; default = training.learning_rate.")
+    text_encoder_rank: int | None = Field(None, ge=1, le=1024)
+    text_encoder_alpha: float | None = Field(None, gt=0, le=65536, allow_inf_nan=False)
+    text_encoder_target_modules: list[str] | None = Field(None, min_length=1)
+    text_encoder_lr: float | None = Field(None, gt=0, le=10.0, allow_inf_nan=False,
+                                          description="Text-encoder learning rate; default = training.learning_rate.")
     text_encoder_2_lr: float | None = Field(
-        None, gt=0, description="The second text encoder's rate (SDXL's OpenCLIP bigG); default = text_encoder_lr.")
+        None, gt=0, le=10.0, allow_inf_nan=False,
+        description="The second text encoder's rate (SDXL's OpenCLIP bigG); default = text_encoder_lr.")
     init_lora_weights: Literal["default", "gaussian"] = "default"
 
 

@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 class PivotalConfig(LoraConfig, TextualInversionConfig):
     type: Literal["pivotal"] = "pivotal"
     freeze_embeddings_after: int | None = Field(
-        None, ge=1, description="Stop training the embeddings after this many steps; the LoRA goes on. "
-                                "Unset: both train to the end.")
+        None, ge=1, le=10_000_000,
+        description="Stop training the embeddings after this many steps; the LoRA goes on. "
+                    "Unset: both train to the end.")
 
 
 @register_method("pivotal")

@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 
 from ..config_base import Section
 from ..errors import FinetuneError
+from ..prompts import excerpt
 from . import register_method
 from .base import Method
 from .lora import save_dtype
@@ -60,8 +61,9 @@ class TextualInversionConfig(Section):
                           "image set's captions and caption dropout. Unset: the image set's captions, which "
                           "must then contain placeholder_token.")
     learning_rate: float | None = Field(
-        None, gt=0, description="Learning rate of the new vectors; default training.learning_rate "
-                                "(5e-4 to 5e-3 is usual).")
+        None, gt=0, le=10.0, allow_inf_nan=False,
+        description="Learning rate of the new vectors; default training.learning_rate "
+                    "(5e-4 to 5e-3 is usual).")
 
     @field_validator("placeholder_token")
     @classmethod
@@ -165,7 +167,7 @@ class TextualInversionMethod(Method):
         token = self.cfg.placeholder_token
         if token.lower() not in caption.lower():
             raise FinetuneError(
-                f"method.placeholder_token: the training caption {caption!r} does not contain {token!r}, so the new "
+                f"method.placeholder_token: the training caption {excerpt(caption)} does not contain {token!r}, so the new "
                 f"vectors cannot learn from it; set method.caption (e.g. 'a photo of {token}'), or data.instance_prompt "
                 f"with data.caption_extension set to one your images do not have")
         if len(self.tokens) == 1:

@@ -7,12 +7,31 @@ too, so `finetune validate` catches them before anything loads.
 
 from __future__ import annotations
 
+import reprlib
 from typing import Annotated, Literal, Union  # noqa: F401
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from ..config_base import Section
+from ..config_base import Section as _Section
 from ..families.flux import FluxOptions
+
+# Upper bounds: far past any real run, low enough that a typo (an extra zero or three) is refused
+# here rather than as a MemoryError, or a run that would not end, after the model has loaded.
+MAX_STEPS = 10_000_000
+MAX_BATCH = 4096
+MAX_SIDE = 4096  # pixels: 4x SDXL's and FLUX's native side, 8x SD1.5's
+MAX_SEED = 2**32 - 1  # numpy's (and so accelerate's set_seed's) range
+MAX_LR = 10.0
+MAX_INFERENCE_STEPS = 1000
+MAX_GUIDANCE = 100.0
+
+
+class Section(_Section):
+    # inf and nan would pass `gt=0`/`ge=0` and only surface as a NaN loss (or never, as a hang).
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class ModelConfig(Section):
@@ -41,38 +60,42 @@ class ModelConfig(Section):
         from ..families import FAMILIES
 
         if v != "auto" and v not in FAMILIES.names():
-            raise ValueError(f"unknown family {v!r}; expected auto or one of: {', '.join(FAMILIES.names())}")
+            raise ValueError(f"unknown family {reprlib.repr(v)}; "
+                             f"expected auto or one of: {', '.join(FAMILIES.names())}")
         return v
 
 
 class BucketConfig(Section):
     enabled: bool = Field(True, description="Group images by aspect ratio so non-square photos keep their framing.")
-    min_size: int | None = Field(None, gt=0, description="Smallest bucket side in pixels; default resolution/2.")
-    max_size: int | None = Field(None, gt=0, description="Largest bucket side in pixels; default resolution*2.")
+    min_size: int | None = Field(None, ge=8, le=2 * MAX_SIDE,
+                                 description="Smallest bucket side in pixels; default resolution/2.")
+    max_size: int | None = Field(None, ge=8, le=2 * MAX_SIDE,
+                                 description="Largest bucket side in pixels; default resolution*2.")
 
 
 class DataConfig(Section):
-    path: str = Field(..., description="Image folder, metadata.jsonl/.csv file or folder, or a datasets name/folder.")
+    path: str = Field(..., min_length=1,
+                      description="Image folder, metadata.jsonl/.csv file or folder, or a datasets name/folder.")
     source: Literal["auto", "folder", "metadata", "datasets"] = "auto"
     image_column: str = "image"
     caption_column: str = "text"
     split: str = "train"
     caption_extension: str = ".txt"
     instance_prompt: str | None = Field(None, description="Caption for images that have none (e.g. 'a photo of sks dog').")
-    resolution: int = Field(512, gt=0, description="Training side length in pixels (area for buckets).")
+    resolution: int = Field(512, ge=64, le=MAX_SIDE, description="Training side length in pixels (area for buckets).")
     # = finetune.data.images.DEFAULT_MAX_PIXELS, not imported: finetune.data pulls in torch.
-    max_pixels: int = Field(128_000_000, gt=0, description=(
+    max_pixels: int = Field(128_000_000, gt=0, le=2**31 - 1, description=(
         "Images with more pixels are skipped, never decoded (decompression bombs); 128 MP admits 108 MP phone photos."))
     crop: Literal["center", "random"] = "center"
     random_flip: bool = False
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
-    repeats: int = Field(1, ge=1)
+    repeats: int = Field(1, ge=1, le=10_000)
     bucketing: BucketConfig = Field(default_factory=BucketConfig)
     cache_latents: Literal["auto", True, False] = Field(
         "auto", description="Encode images once; auto = on when crops and flips are deterministic.")
     cache_text_embeddings: Literal["auto", True, False] = Field(
         "auto", description="Encode captions once; auto = on when the text encoder is frozen.")
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=256)
     follow_symlinks: bool = Field(False, description=(
         "Read files reached through symlinks that leave the data folder; off: they are skipped and named."))
 
@@ -98,34 +121,37 @@ MethodConfig = _method_union()
 class OptimizerConfig(Section):
     type: Literal["adamw", "adamw8bit", "lion8bit", "lion", "sgd"] = Field(
         "adamw", description="adamw8bit/lion8bit use bitsandbytes and cut optimizer memory by ~4x.")
-    weight_decay: float = Field(1e-2, ge=0.0)
-    betas: tuple[float, float] | None = Field(None, description="Default (0.9, 0.999) for AdamW, (0.9, 0.99) for Lion.")
-    eps: float = Field(1e-8, gt=0)
-    momentum: float = Field(0.0, ge=0.0, description="SGD only.")
+    weight_decay: float = Field(1e-2, ge=0.0, le=10.0)
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] | None = Field(
+        None, description="Default (0.9, 0.999) for AdamW, (0.9, 0.99) for Lion.")
+    eps: float = Field(1e-8, gt=0, le=1.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD only.")
     min_8bit_size: int = Field(
-        4096, ge=1, description="8-bit optimizers keep tensors smaller than this in 32-bit (bitsandbytes' default).")
+        4096, ge=1, le=2**31 - 1,
+        description="8-bit optimizers keep tensors smaller than this in 32-bit (bitsandbytes' default).")
 
 
 class TrainingConfig(Section):
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; set this or epochs.")
-    epochs: int | None = Field(None, ge=1)
-    batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-4, gt=0)
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps; set this or epochs.")
+    epochs: int | None = Field(None, ge=1, le=100_000)
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH)
+    learning_rate: float = Field(1e-4, gt=0, le=MAX_LR)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine",
                           "cosine_with_restarts", "polynomial"] = "constant"
-    lr_warmup_steps: int = Field(0, ge=0)
+    lr_warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
-    seed: int = 42
-    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting; 5.0 is the paper's value.")
-    noise_offset: float = Field(0.0, ge=0.0, description="0.05-0.1 helps very dark/bright images.")
+    seed: Seed = 42
+    min_snr_gamma: float | None = Field(None, gt=0, le=1000.0,
+                                        description="Min-SNR loss weighting; 5.0 is the paper's value.")
+    noise_offset: float = Field(0.0, ge=0.0, le=1.0, description="0.05-0.1 helps very dark/bright images.")
     max_grad_norm: float | None = Field(1.0, gt=0)
-    log_every_n_steps: int = Field(1, ge=1)
+    log_every_n_steps: int = Field(1, ge=1, le=MAX_STEPS)
     on_nan: Literal["stop", "skip"] = Field("stop", description=(
         "A NaN/inf loss: stop the run (naming the step and the batch's files), or skip that batch and go on; "
         "more than max_skipped_in_a_row skipped in a row stops the run anyway."))
-    max_skipped_in_a_row: int = Field(10, ge=1)
+    max_skipped_in_a_row: int = Field(10, ge=1, le=MAX_STEPS)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -148,13 +174,14 @@ class PriorPreservationConfig(Section):
     class_prompt: str | None = Field(None, description="The class without the identifier, e.g. 'a photo of a dog'.")
     class_data_dir: str | None = Field(
         None, description="Folder of class images; missing ones are generated into it and reused next time.")
-    num_class_images: int = Field(100, ge=1, description="100-200 per subject is usual.")
-    prior_loss_weight: float = Field(1.0, ge=0.0, description="Weight of the class loss; users report 0.2-1.0.")
-    sample_batch_size: int = Field(4, ge=1, description="Batch size when generating class images.")
-    num_inference_steps: int = Field(25, ge=1)
-    guidance_scale: float = Field(7.5, ge=0.0)
+    num_class_images: int = Field(100, ge=1, le=100_000, description="100-200 per subject is usual.")
+    prior_loss_weight: float = Field(1.0, ge=0.0, le=100.0,
+                                     description="Weight of the class loss; users report 0.2-1.0.")
+    sample_batch_size: int = Field(4, ge=1, le=MAX_BATCH, description="Batch size when generating class images.")
+    num_inference_steps: int = Field(25, ge=1, le=MAX_INFERENCE_STEPS)
+    guidance_scale: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE)
     negative_prompt: str | None = None
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _needs_prompt(self):
@@ -168,22 +195,26 @@ class PriorPreservationConfig(Section):
 class ValidationConfig(Section):
     prompts: list[str] = Field(default_factory=list, description="May use the trigger word.")
     negative_prompt: str | None = None
-    every_n_steps: int | None = Field(None, ge=1, description="Also always sampled at the end when prompts are given.")
-    images_per_prompt: int = Field(1, ge=1)
-    seed: int = 0
-    num_inference_steps: int = Field(25, ge=1)
-    guidance_scale: float = Field(7.5, ge=0.0)
-    width: int | None = Field(None, gt=0)
-    height: int | None = Field(None, gt=0)
+    every_n_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                      description="Also always sampled at the end when prompts are given.")
+    images_per_prompt: int = Field(1, ge=1, le=100)
+    seed: Seed = 0
+    num_inference_steps: int = Field(25, ge=1, le=MAX_INFERENCE_STEPS)
+    guidance_scale: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE)
+    width: int | None = Field(None, ge=64, le=MAX_SIDE)
+    height: int | None = Field(None, ge=64, le=MAX_SIDE)
 
 
 class OutputConfig(Section):
     run_name: str | None = Field(None, description="Folder name under output.dir; default: recipe name + time.")
     dir: str = "outputs"
-    save_every_n_steps: int | None = Field(None, ge=1)
+    save_every_n_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     keep_last_checkpoints: int | None = Field(
-        None, ge=1, description="Keep only the newest N checkpoints; older ones are deleted after a new one is complete.")
-    formats: list[Literal["diffusers", "kohya"]] = Field(default_factory=lambda: ["diffusers", "kohya"])
+        None, ge=1, le=10_000,
+        description="Keep only the newest N checkpoints; older ones are deleted after a new one is complete.")
+    formats: list[Literal["diffusers", "kohya"]] = Field(
+        default_factory=lambda: ["diffusers", "kohya"], min_length=1,
+        description="Adapter files to write; at least one, or the run would keep nothing.")
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
     trigger_words: list[str] = Field(default_factory=list, description="Listed in the model card.")
     hooks: list[dict] | None = Field(

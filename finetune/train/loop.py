@@ -17,6 +17,7 @@ from ..errors import FinetuneError, safe_name
 from . import checkpoint as ckpt
 from .batches import BatchSource, fork_rng
 from .optim import build_optimizer
+from .preflight import preflight
 from .run_dir import MetricsLog, open_run, owned
 from .signals import GracefulStop
 
@@ -35,15 +36,6 @@ class RunResult:
     # In-memory objects for callers that go on using them (tests, notebooks).
     components: object = None
     optimizer: object = None
-
-
-def preflight(recipe) -> None:
-    """Hardware checks that need no model: fail before anything heavy loads."""
-    mp = recipe.training.mixed_precision
-    if mp == "fp16" and not torch.cuda.is_available():
-        raise FinetuneError("training.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
-    if mp == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise FinetuneError("training.mixed_precision: this GPU does not support bf16; use fp16")
 
 
 def resolve_family(model_cfg):
@@ -265,7 +257,7 @@ def _train_loop(recipe, log, progress, accelerator, family, source, c, method, g
                                negative_prompt=v.negative_prompt, width=v.width or res, height=v.height or res,
                                autocast=accelerator.autocast,
                                provenance=Provenance(prompt="", base_model=source.label, run=run_name,
-                                                     kind=f"validation step {step}"))
+                                                     kind=f"validation step {step}"), log=log)
         finally:
             for m in trainable:
                 m.train()

@@ -9,6 +9,7 @@ it was."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import os
@@ -17,7 +18,7 @@ import socket
 import time
 from pathlib import Path
 
-from ..errors import FinetuneError
+from ..errors import FinetuneError, safe_name
 from ..recipe import dump_recipe
 
 LOCK = ".lock"
@@ -188,15 +189,43 @@ def owned(run_dir: Path, lock: RunLock, log):
     before = worth_keeping(run_dir)
     try:
         yield
-    except BaseException:
+    except BaseException as e:
         kept = worth_keeping(run_dir)
         if not kept:
             shutil.rmtree(run_dir, ignore_errors=True)
-        elif kept != before:
+        storage = _storage_error(e)
+        if storage is not None:
+            raise FinetuneError(_cannot_write(storage, run_dir, kept)) from e
+        if kept and kept != before:
             log(f"the run failed; {run_dir} keeps what it completed: {', '.join(kept)}")
         raise
     finally:
         lock.release()
+
+
+# Failures of the storage, not of the run: the user frees space or fixes the mount, then resumes.
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only"}
+if hasattr(errno, "EDQUOT"):  # not on Windows
+    _STORAGE_ERRNOS[errno.EDQUOT] = "the disk quota is exceeded"
+
+
+def _storage_error(e: BaseException) -> OSError | None:
+    """The full disk, quota or read-only file system behind `e`, if any (libraries may wrap it); a
+    FinetuneError already says what failed."""
+    seen = set()
+    while e is not None and id(e) not in seen and not isinstance(e, FinetuneError):
+        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ if e.__cause__ is not None or e.__suppress_context__ else e.__context__
+    return None
+
+
+def _cannot_write(e: OSError, run_dir: Path, kept: list[str]) -> str:
+    what = safe_name(e.filename) if e.filename else f"to {run_dir}"
+    outcome = (f"{run_dir} keeps what it completed: {', '.join(kept)}" if kept
+               else f"nothing was complete yet, so {run_dir} was removed")
+    return f"cannot write {what}: {_STORAGE_ERRNOS[e.errno]}; {outcome}"
 
 
 class MetricsLog:
