@@ -298,3 +298,18 @@ def test_cli_shows_a_warning_as_one_line(tmp_path, capsys):
     _quiet_libraries(models=False)  # what every command does first; pytest restores showwarning after
     load_image(path)
     assert capsys.readouterr().err == f"warning: image {path}: Tag data larger than file. Skipping tag 270\n"
+
+
+def test_dataset_check_names_the_image_a_library_warns_about(tmp_path):
+    """The check reads images in worker threads, where a process-wide catch cannot tell files apart."""
+    from finetune.data import check_dataset
+    from finetune.recipe.schema import DataConfig
+
+    folder = tmp_path / "set"
+    make_image_folder(folder, n=6)
+    bad = _bad_exif_jpeg(folder / "odd exif.jpg")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_dataset(DataConfig(path=str(folder), resolution=64, instance_prompt="a photo"))
+    named = [str(w.message) for w in caught if w.category is ImageWarning]
+    assert named == [f"image {bad.name}: Tag data larger than file. Skipping tag 270"]

@@ -45,6 +45,8 @@ import contextlib
 import hashlib
 import io
 import os
+import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +56,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import FinetuneError, safe_name
 from .buckets import nearest_bucket, training_buckets
-from .images import oriented_size, pixel_limit, to_rgb, too_many_pixels
+from .images import oriented_size, pixel_limit, to_rgb, too_many_pixels, warn_about
 from .sources import Example, find_examples, resolve_data_path
 
 
@@ -265,7 +267,7 @@ def _inspect_all(examples: list[Example], cfg) -> list[_Look]:
 
     workers = min(_MAX_WORKERS, os.cpu_count() or 1, len(examples))
     Image.init()  # PIL registers its plugins on first use; not from several threads at once
-    with pixel_limit(cfg.max_pixels):  # process-wide, so entered once around all the threads
+    with pixel_limit(cfg.max_pixels), _warnings_named_per_thread():  # process-wide: once around all threads
         if workers <= 1:
             return [look(e) for e in examples]
         # Decoding and hashing release the GIL for most of their time: threads divide the wall time.
@@ -273,7 +275,25 @@ def _inspect_all(examples: list[Example], cfg) -> list[_Look]:
             return list(pool.map(look, examples))
 
 
+_inspecting = threading.local()  # the file this thread is looking at, to name in its warnings
+
+
+@contextlib.contextmanager
+def _warnings_named_per_thread():
+    """Library warnings (PIL's corrupt-EXIF one) name no file, and catch_warnings is process-wide:
+    one recorder around every worker thread, each warning credited to the file its own thread (the
+    one `showwarning` runs in) was inspecting, then re-issued naming it."""
+    found: list[tuple[str, object]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_, **__: found.append((getattr(_inspecting, "key", "?"), message))
+        yield
+    for key, message in found:
+        warn_about(key, message)
+
+
 def _inspect(example: Example, buckets, max_pixels: int) -> _Look:
+    _inspecting.key = example.key
     look = _Look(problem=example.refused)
     if example.refused:
         return look

@@ -67,10 +67,15 @@ def warnings_named(name: str):
         warnings.simplefilter("always")
         yield
     for w in caught:
-        text = safe_name(" ".join(str(w.message).split()))[:200]
-        if (name, text) not in _reported:
-            _reported.add((name, text))
-            warnings.warn(f"image {safe_name(name)}: {text}", ImageWarning, stacklevel=3)
+        warn_about(name, w.message)
+
+
+def warn_about(name: str, message) -> None:
+    """One ImageWarning naming the image, once per image and message."""
+    text = safe_name(" ".join(str(message).split()))[:200]
+    if (name, text) not in _reported:
+        _reported.add((name, text))
+        warnings.warn(f"image {safe_name(name)}: {text}", ImageWarning, stacklevel=3)
 
 
 def too_many_pixels(found: Exception | int, max_pixels: int) -> str:
