@@ -42,10 +42,14 @@ def write_model_card(run_dir: Path, recipe, family, method, source, run_name: st
     method_name = METHOD_NAMES.get(m.type, m.type)
     cls = family.pipeline_class.__name__
     # A snippet that runs as written: builtin models are folders on disk, single files load differently.
+    # Absolute paths: the code must run from wherever the user pastes it, not only from the folder
+    # the run started in (and offline, diffusers takes a relative path it cannot find for a hub id).
     if source.kind == "single_file":
-        load = f"pipe = {cls}.from_single_file({source.location!r})"
+        load = f"pipe = {cls}.from_single_file({str(Path(source.location).resolve())!r})"
+    elif source.kind == "folder":
+        load = f"pipe = {cls}.from_pretrained({str(Path(source.location).resolve())!r})"
     else:
-        load = f"pipe = {cls}.from_pretrained({(source.location if source.kind == 'folder' else source.label)!r})"
+        load = f"pipe = {cls}.from_pretrained({source.label!r})"
     triggers = _trigger_words(recipe)
     kohya = next((f.name for f in files if "kohya" in method.describe_file(f)), None)
     lines = [
@@ -72,7 +76,7 @@ def write_model_card(run_dir: Path, recipe, family, method, source, run_name: st
         "## Use it",
         "",
         "```python",
-        *method.usage(cls, load, run_dir, files),
+        *method.usage(cls, load, Path(run_dir).resolve(), [Path(f).resolve() for f in files]),
         _generate_line(recipe, (recipe.validation.prompts or triggers or ["a photo"])[0]),
         'image.save("sample.png")',
         "```",
