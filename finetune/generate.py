@@ -66,18 +66,46 @@ def load_pipeline(base: str, family: str = "auto", loras: list[str] = ()):
     names, weights = [], []
     for i, (path, weight) in enumerate(specs):
         name = f"lora{i}"
-        try:
-            if path.is_dir():
-                pipe.load_lora_weights(str(path), adapter_name=name)
-            else:
-                pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-        except (ValueError, OSError, KeyError, AssertionError) as e:  # diffusers' converters assert on odd shapes
-            raise FinetuneError(f"--lora: {path} could not be loaded into {source.label}: {str(e).splitlines()[0]}") from e
+        _load_lora(pipe, path, name, source.label)
         names.append(name)
         weights.append(weight)
     if names:
         pipe.set_adapters(names, adapter_weights=weights)
     return pipe, fam
+
+
+def _load_lora(pipe, path: Path, name: str, base: str) -> None:
+    """One LoRA into the pipeline, or one line saying why not. diffusers logs a LoRA of another
+    model's shapes as a hundred "size mismatch" lines before raising: its logger is muted here, and
+    the count and the first mismatch go into our line (and peft's warning about the same mismatch
+    is shown only when the LoRA loads anyway)."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if path.is_dir():
+                pipe.load_lora_weights(str(path), adapter_name=name)
+            else:
+                pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    except (ValueError, OSError, KeyError, AssertionError) as e:  # diffusers' converters assert on odd shapes
+        raise FinetuneError(f"--lora: {path} could not be loaded into {base}: {excerpt(str(e).splitlines()[0], 200)}") from e
+    except RuntimeError as e:  # torch's load_state_dict, one line per tensor of another shape
+        mismatches = [line.strip().removeprefix("size mismatch for ") for line in str(e).splitlines()
+                      if "size mismatch for" in line]
+        if not mismatches:
+            raise
+        raise FinetuneError(f"--lora: {path} does not fit {base}: {len(mismatches)} tensors have other shapes "
+                            f"(first: {excerpt(mismatches[0], 160)}); it was trained for another model family "
+                            "or size") from e
+    finally:
+        logger.setLevel(level)
 
 
 def adapter_records(loras) -> list[dict]:

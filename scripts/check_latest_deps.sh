@@ -17,16 +17,19 @@ work="$(mktemp -d -t finetune-latest-XXXXXX)"
 cleanup() { [ -n "${KEEP_VENV:-}" ] && echo "venv kept: $work/venv" || rm -rf "$work"; }
 trap cleanup EXIT
 
+# pip's and setuptools' chatter only matters when the install fails.
+pip_install() {
+    python -m pip install --quiet "$@" 2>"$work/pip.err" && return 0
+    grep -v "^WARNING: Location" "$work/pip.err" | tail -20
+    return 1
+}
+
 echo "== installing the newest allowed releases into $work/venv"
 python3 -m venv "$work/venv"
 . "$work/venv/bin/activate"
-python -m pip install --quiet --upgrade pip
-python -m pip install --quiet "$TORCH_SPEC" || { echo "error: could not install $TORCH_SPEC"; exit 2; }
-if ! python -m pip install --quiet --upgrade -e ".[test]" 2>"$work/pip.err"; then
-    echo "error: the newest releases do not install together:"
-    grep -v "^WARNING" "$work/pip.err" | tail -20
-    exit 2
-fi
+pip_install --upgrade pip
+pip_install "$TORCH_SPEC" || { echo "error: could not install $TORCH_SPEC"; exit 2; }
+pip_install --upgrade -e ".[test]" || { echo "error: the newest releases do not install together (above)"; exit 2; }
 python -m pip check || echo "warning: pip check found conflicting requirements (above)"
 
 echo "== packages that moved from constraints.txt"

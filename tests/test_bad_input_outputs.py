@@ -322,3 +322,17 @@ def test_validation_samples_refused_or_rejected_during_training_are_printed(tiny
         "256x256 pixels; min_size_action: reject)"], r.output
     assert not list(samples.glob("*.png"))
     assert [row["status"] for row in manifest(samples)] == ["rejected", "blocked"]
+
+
+def test_a_lora_of_another_model_is_one_line(tiny_run, tmp_path, capfd):
+    """An SD1.5 LoRA on SDXL: diffusers logs each of its ~100 mismatched tensors before raising."""
+    lora = tiny_run("sd1", "lora") / "pytorch_lora_weights.safetensors"
+    from finetune.testing import resolve_builtin
+
+    resolve_builtin("tiny-sdxl")  # built (and its chatter printed) before the command is watched
+    capfd.readouterr()
+    r = generate("builtin:tiny-sdxl", tmp_path / "g", "--prompt", "x", "--lora", lora)
+    printed = [line for line in (r.output + capfd.readouterr().err).splitlines() if line.strip()]
+    assert r.exit_code == 1
+    assert len(printed) == 1 and "does not fit builtin:tiny-sdxl" in printed[0], printed[:3]
+    assert "tensors have other shapes" in printed[0] and not (tmp_path / "g").exists()
