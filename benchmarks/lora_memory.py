@@ -85,7 +85,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ft-bench-"))
     os.environ.setdefault("FINETUNE_CACHE", str(work / "cache"))
     make_images(work / "data", 8, args.resolution)
-    from finetune.testing import resolve_builtin
+    from finetune.tiny_models import resolve_builtin
 
     resolve_builtin("sd15-full-random")  # build once, outside the timed runs
     rows = []

@@ -1,6 +1,6 @@
 """How well the watermark hook's mark survives what happens to images after they leave us.
 
-Images: half are made by the tiny SD1.5 (`finetune.testing.build_tiny_sd15`, random weights: its
+Images: half are made by the tiny SD1.5 (`finetune.tiny_models.sd15.build_tiny_sd15`, random weights: its
 output is colourful noise-like texture, not a picture; generated at 256 px and resized to --size,
 because at 512 px its attention dominates the run time on CPU), half are drawn scenes (sky gradient, sun,
 mountain ridges, trees and houses, slight blur and grain) because no real photographs are
@@ -76,7 +76,7 @@ def tiny_sd_images(n: int, size: int, seed: int, gen_size: int) -> list[Image.Im
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from finetune.testing import build_tiny_sd15
+    from finetune.tiny_models.sd15 import build_tiny_sd15
 
     prompts = ["a photo of a dog", "a mountain landscape at dusk", "a red car in the city", "a bowl of fruit",
                "portrait of an old man", "a cat on a sofa", "a lighthouse by the sea", "a forest in autumn"]

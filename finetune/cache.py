@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from .files import write_text_atomically
+
 HASHES_FILE = "sha256.json"
 _memory: dict[str, tuple[int, int, str]] = {}
 
@@ -25,14 +27,10 @@ def _load_disk() -> dict:
 
 
 def _save_disk(entries: dict) -> None:
-    folder = cache_dir()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         # Only files that still exist; a cache that cannot be written costs time, not correctness.
         live = {k: v for k, v in entries.items() if Path(k).exists()}
-        tmp = folder / f".{HASHES_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(live), encoding="utf-8")
-        tmp.replace(folder / HASHES_FILE)
+        write_text_atomically(cache_dir() / HASHES_FILE, json.dumps(live))
     except OSError:
         pass
 

@@ -71,6 +71,10 @@ def _guard(models: bool = False):
         raise typer.Exit(1)
 
 
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _version(value: bool):
     if value:
         typer.echo(f"finetune {__version__}")
@@ -99,6 +103,9 @@ def train(
         False, "--allow-changed-data",
         help="With --resume: go on even though the training data changed since the checkpoint (logged; the run "
              "no longer continues exactly)."),
+    processes: int = typer.Option(
+        1, "--processes", min=1, max=1024,
+        help="Train on N processes on this machine, one per GPU (data-parallel; without GPUs, N CPU processes)."),
 ):
     """Train an adapter from RECIPE. Extra KEY=VALUE arguments override recipe keys."""
     with _guard(models=True):
@@ -108,14 +115,24 @@ def train(
         if allow_changed_data and not resume:
             raise FinetuneError("--allow-changed-data: only a resumed run (--resume) has earlier data to differ from")
         overrides = [*ctx.args, *set_]
-        r, path = load_recipe(recipe, overrides)
+        r, path = load_recipe(recipe, overrides)  # a bad recipe is one line here, not one per process
+        if processes > 1:
+            from .train.launch import launch
+
+            argv = ["train", recipe, *(a for o in overrides for a in ("--set", o)), *(["--no-progress"] * no_progress),
+                    *(["--resume", resume] if resume else []), *(["--allow-changed-data"] * allow_changed_data)]
+            raise typer.Exit(launch(processes, argv))
         result = run_training(r, path, log=typer.echo, progress=not no_progress, resume=resume,
                               allow_changed_data=allow_changed_data)
+        if not _is_main_process():
+            raise typer.Exit(143 if result.interrupted else 0)
         typer.echo(f"run folder: {result.run_dir}")
         if result.interrupted:
             import shlex
 
-            again = shlex.join(["finetune", "train", recipe, *overrides, "--resume", str(result.run_dir)])
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            again = shlex.join(["finetune", "train", recipe, *overrides, "--resume", str(result.run_dir),
+                                *(["--processes", str(world)] if world > 1 else [])])
             typer.echo(f"to continue: {again}")
             raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
 
@@ -295,7 +312,7 @@ def _dataset_settings(path: str, recipe: str | None, resolution: int | None, bas
 def tiny_model(folder: Path = typer.Argument(..., help="Where to write the tiny SD1.5 diffusers folder.")):
     """Build the tiny, shape-faithful SD1.5 used by the tests and the quickstart."""
     with _guard(models=True):
-        from .testing import build_tiny_sd15
+        from .tiny_models.sd15 import build_tiny_sd15
 
         typer.echo(str(build_tiny_sd15(folder)))
 

@@ -56,7 +56,7 @@ def _first_seeds(rows, n: int, seed: int) -> list[int]:
 
 def load_pipeline(base: str, family: str = "auto", loras: list[str] = ()):
     from .recipe.schema import ModelConfig
-    from .train.loop import resolve_family
+    from .train.setup import resolve_family
 
     specs = [_lora_spec(spec) for spec in loras]  # a missing file or a nan weight fails before the model loads
     model_cfg = ModelConfig(base=base, family=family)
@@ -128,7 +128,7 @@ def generate(prompts, base, loras=(), n=1, seed=0, steps=25, guidance=7.5, negat
     from .hooks import OutputImage, Provenance, build_pipeline
     from .hooks.pipeline import next_index, write_outputs
     from .prompts import PromptRow, read_prompt_file
-    from .train.sampling import emit_images, grid
+    from .train.sampling import Destination, Sampling, emit_images, grid
 
     out = Path(out)
     _check_options(n, seed, steps, guidance, width, height, out)
@@ -142,10 +142,10 @@ def generate(prompts, base, loras=(), n=1, seed=0, steps=25, guidance=7.5, negat
     provenance = Provenance(prompt="", base_model=base, adapters=adapter_records(loras), kind="generate")
     written, k = [], next_index(out)  # images already in `out` keep their names; new ones count on
     for row, first in zip(rows, seeds):
-        written += emit_images(pipe, [row.prompt], output_hooks, out, seed=first, n=row.n or n, steps=steps,
-                               guidance=guidance, negative_prompt=row.negative_prompt or negative,
-                               width=row.width or width, height=row.height or height, provenance=provenance,
-                               first_index=k, log=log)
+        how = Sampling(seed=first, n=row.n or n, steps=steps, guidance=guidance,
+                       negative_prompt=row.negative_prompt or negative, width=row.width or width,
+                       height=row.height or height)
+        written += emit_images(pipe, [row.prompt], how, Destination(out, output_hooks, provenance, k, log))
         k += row.n or n
     if make_grid and written:
         # The grid is an image we emit too: it goes through the same hooks.

@@ -2,6 +2,10 @@ import os
 
 # The suite never touches the network, and never writes into the user's cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per test process (pytest -n 2 on two cores): OpenMP threads of two processes
+    # spinning against each other make torch several times slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
@@ -27,7 +31,7 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory):
     """A tiny SD1.5 saved as a plain diffusers folder, loaded like any user's local model."""
-    from finetune.testing import build_tiny_sd15
+    from finetune.tiny_models.sd15 import build_tiny_sd15
 
     return build_tiny_sd15(tmp_path_factory.mktemp("models") / "tiny-sd15")
 

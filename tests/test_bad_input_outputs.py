@@ -178,7 +178,11 @@ def test_lora_weight_must_be_finite(tiny_sd15, tmp_path, weight):
     lora.write_bytes(b"")
     r = generate(tiny_sd15, tmp_path / "g", "--prompt", "a cat", "--lora", f"{lora}:{weight}")
     assert r.exit_code == 1
-    assert error_lines(r.output) == [f"error: --lora '{lora}:{weight}': the weight must be a finite number, got '{weight}'"]
+    from finetune.prompts import excerpt
+
+    # Quoted as every option value is, cut short when long (a deep temporary folder can be).
+    shown = excerpt(f"{lora}:{weight}")
+    assert error_lines(r.output) == [f"error: --lora {shown}: the weight must be a finite number, got '{weight}'"]
     assert not (tmp_path / "g").exists()
 
 
@@ -327,7 +331,7 @@ def test_validation_samples_refused_or_rejected_during_training_are_printed(tiny
 def test_a_lora_of_another_model_is_one_line(tiny_run, tmp_path, capfd):
     """An SD1.5 LoRA on SDXL: diffusers logs each of its ~100 mismatched tensors before raising."""
     lora = tiny_run("sd1", "lora") / "pytorch_lora_weights.safetensors"
-    from finetune.testing import resolve_builtin
+    from finetune.tiny_models import resolve_builtin
 
     resolve_builtin("tiny-sdxl")  # built (and its chatter printed) before the command is watched
     capfd.readouterr()

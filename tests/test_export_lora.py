@@ -64,7 +64,7 @@ def ex(tmp_path_factory):
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
-    from finetune.testing import build_tiny_sd15
+    from finetune.tiny_models.sd15 import build_tiny_sd15
 
     root = tmp_path_factory.mktemp("export_lora")
     base = build_tiny_sd15(root / "base")
@@ -250,6 +250,29 @@ def test_kohya_metadata_readable(ex):
     blob = ex.kohya_path.read_bytes()
     n = int.from_bytes(blob[:8], "little")
     assert meta["sshs_model_hash"] == hashlib.sha256(blob[8 + n:]).hexdigest()
+
+
+def test_a_trained_lora_kohya_file_names_its_base_and_settings(tiny_sd15, tmp_path):
+    from safetensors import safe_open
+
+    from finetune.families import get_family
+    from finetune.families.base import resolve_source
+    from finetune.methods import get_method
+    from finetune.methods.lora import LoraConfig
+    from finetune.recipe.schema import ModelConfig, OutputConfig, TrainingConfig
+
+    family = get_family("sd1")
+    c = family.load(resolve_source(str(tiny_sd15)), ModelConfig(base=str(tiny_sd15)))
+    method = get_method(LoraConfig(rank=2, train_text_encoder=True, text_encoder_lr=5e-5), family,
+                        TrainingConfig(learning_rate=2e-4, max_steps=30, seed=7))
+    method.setup(c)
+    [path] = method.save(c, tmp_path, OutputConfig(formats=["kohya"]), "run")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_sd_model_name"] == "tiny-sd15"  # the folder's name, not the path to it
+    assert (meta["ss_learning_rate"], meta["ss_unet_lr"], meta["ss_text_encoder_lr"]) == ("0.0002", "0.0002", "5e-05")
+    assert (meta["ss_max_train_steps"], meta["ss_seed"], meta["ss_mixed_precision"]) == ("30", "7", "no")
+    assert "ss_num_epochs" not in meta and all(v != "None" for v in meta.values())
 
 
 def test_diffusers_metadata_readable_and_carries_alpha(ex):

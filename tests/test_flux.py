@@ -33,14 +33,14 @@ FluxModelConfig = create_model("FluxModelConfig", __base__=ModelConfig,
 
 @pytest.fixture(scope="module")
 def tiny_flux(tmp_path_factory):
-    from finetune.tiny_flux import build_tiny_flux
+    from finetune.tiny_models.flux import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
 
 
 @pytest.fixture(scope="module")
 def tiny_schnell(tmp_path_factory):
-    from finetune.tiny_flux import build_tiny_flux
+    from finetune.tiny_models.flux import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux-schnell", variant="schnell")
 

@@ -10,11 +10,25 @@ from finetune.cli import app
 from .helpers import make_image_folder
 
 
+EMBEDDING_LR = 5e-2
+
+
+def _initial_vector(model):
+    """The embedding the new token's vectors start from: the initializer token "x"'s row of the base model."""
+    from transformers import CLIPTokenizer
+
+    (token_id,) = CLIPTokenizer.from_pretrained(model / "tokenizer")("x", add_special_tokens=False).input_ids
+    weights = load_file(model / "text_encoder" / "model.safetensors")
+    (key,) = [k for k in weights if k.endswith("token_embedding.weight")]
+    return weights[key][token_id]
+
+
 def _train(tmp_path, model, name, *extra):
     data = make_image_folder(tmp_path / "data", n=2, sizes=((64, 64),))
     args = ["train", "sd15-brand", f"model.base={model}", f"data.path={data}", "data.resolution=64",
             "training.mixed_precision=no", "training.gradient_checkpointing=false",
-            "method.initializer_token=x",  # "robot" is several tokens in the tiny byte-level tokenizer "method.learning_rate=5e-2",
+            "method.initializer_token=x",  # "robot" is several tokens in the tiny byte-level tokenizer
+            f"method.learning_rate={EMBEDDING_LR}",  # the embedding's own rate, not training.learning_rate
             "training.learning_rate=1e-3", "validation.num_inference_steps=2", "validation.every_n_steps=null",
             "output.save_every_n_steps=null", "output.save_dtype=fp32", f"output.dir={tmp_path / 'out'}",
             f"output.run_name={name}", "optimizer.type=adamw", "--no-progress", *extra]
@@ -58,6 +72,10 @@ def test_embeddings_freeze_after_n_steps(tiny_sd15, tmp_path):
     frozen = _train(tmp_path, tiny_sd15, "frozen", "training.max_steps=3", "method.freeze_embeddings_after=1")
     free = _train(tmp_path, tiny_sd15, "free", "training.max_steps=3", "method.freeze_embeddings_after=null")
     e1, ef, eo = (load_file(r / "learned_embeds.safetensors")["<sks-robot>"] for r in (one, frozen, free))
+    # One AdamW step moves each element by about the embedding's rate, method.learning_rate (with the
+    # override ignored: the recipe's 1e-3, fifty times less).
+    moved = (e1 - _initial_vector(tiny_sd15)).abs()
+    assert 0.5 * EMBEDDING_LR < moved.median() < 1.5 * EMBEDDING_LR, moved.median()
     # CPU embedding backward accumulates in a thread-dependent order: runs agree to ~1e-9, not bitwise.
     assert torch.allclose(ef, e1, rtol=0, atol=1e-6)            # after step 1 the embedding no longer moved
     assert (eo - e1).abs().max() > 100 * (ef - e1).abs().max() + 1e-5   # ... where without freezing it would have

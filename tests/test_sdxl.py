@@ -29,7 +29,7 @@ REAL_SDXL_NAMES = {
 
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory):
-    from finetune.tiny_sdxl import build_tiny_sdxl
+    from finetune.tiny_models.sdxl import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 

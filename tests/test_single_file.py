@@ -258,7 +258,7 @@ def test_fp16_file_loads_and_is_close(trained, tiny_sd15, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# SD2.x (OpenCLIP text encoder), peft, refusals, atomic writes
+# SD2.x (OpenCLIP text encoder), refusals, atomic writes
 
 
 def test_sd2_open_clip_text_encoder_round_trip(tiny_sd15, tmp_path):
@@ -296,30 +296,7 @@ def test_sd2_open_clip_text_encoder_round_trip(tiny_sd15, tmp_path):
     torch.testing.assert_close(_unet_out(reloaded.unet, inputs), _unet_out(pipe.unet, inputs), **FP32)
 
 
-def test_unmerged_peft_lora_is_folded_in_without_touching_the_model(tiny_sd15, tmp_path):
-    from peft import LoraConfig
-
-    pipe = _load_pipeline(tiny_sd15)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]))
-    inputs = _unet_inputs(pipe.unet)
-    with_lora = _unet_out(pipe.unet, inputs)
-    keys_before = set(pipe.unet.state_dict())
-
-    path = save_sd1_single_file(tmp_path / "lora-merged.safetensors", pipe.unet, pipe.vae, pipe.text_encoder,
-                                dtype=torch.float32)
-    assert set(pipe.unet.state_dict()) == keys_before  # adapters still there, not merged
-    torch.testing.assert_close(_unet_out(pipe.unet, inputs), with_lora)
-    tensors, _ = _file_tensors(path)
-    assert not [k for k in tensors if "lora" in k or "base_layer" in k]
-
-    reloaded = _from_single_file(path, tiny_sd15)
-    torch.testing.assert_close(_unet_out(reloaded.unet, inputs), with_lora, **FP32)
-    pipe.unet.disable_adapters()
-    assert (_unet_out(pipe.unet, inputs) - with_lora).abs().max() > 100 * FP32["atol"]
-
-
-def test_sdxl_unet_and_dora_are_refused(tiny_sd15, tmp_path):
+def test_sdxl_unet_and_unmerged_adapters_are_refused(tiny_sd15, tmp_path):
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
@@ -330,9 +307,9 @@ def test_sdxl_unet_and_dora_are_refused(tiny_sd15, tmp_path):
     with pytest.raises(SingleFileExportError, match="SDXL"):
         sd1_single_file_state_dict(sdxl_like, pipe.vae, pipe.text_encoder)
 
-    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, use_dora=True, target_modules=["to_q"]))
-    with pytest.raises(SingleFileExportError, match="DoRA"):
-        save_sd1_single_file(tmp_path / "dora.safetensors", pipe.unet, pipe.vae, pipe.text_encoder)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]))
+    with pytest.raises(SingleFileExportError, match="merge_and_unload"):
+        save_sd1_single_file(tmp_path / "lora.safetensors", pipe.unet, pipe.vae, pipe.text_encoder)
     assert not list(tmp_path.iterdir())
 
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.families import get_family
-from finetune.testing import resolve_builtin
+from finetune.tiny_models import resolve_builtin
 
 from .conftest import TINY_BASES
 

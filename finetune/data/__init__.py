@@ -14,7 +14,7 @@ _EXPORTS = {
     "DatasetReport": "check", "check_dataset": "check", "check_examples": "check",
     "ImageCaptionDataset": "dataset", "collate": "dataset",
     "IMAGE_EXTENSIONS": "images", "image_size": "images", "load_image": "images", "to_rgb": "images",
-    "Example": "sources", "discover_examples": "sources",
+    "Example": "sources", "discover_examples": "check",
 }
 
 __all__ = sorted(_EXPORTS)

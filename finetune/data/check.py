@@ -50,6 +50,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -100,6 +101,8 @@ CATEGORIES = {c.key: c for c in (  # the report's order: what is skipped first
 )}
 
 _MAX_WORKERS = 8
+# How many files per problem the training log names; `finetune dataset check` names them all.
+_LOGGED_PER_CATEGORY = 5
 _THUMB = 64  # side of the thumbnail the fingerprint is taken from
 _HASH_SIDE = 32  # pHash: DCT of a 32x32 grey image, its 8x8 lowest frequencies against their median
 # A resized or re-saved JPEG copy differs in 0-2 of the 64 bits; unrelated photos in about 32.
@@ -178,6 +181,17 @@ def check_dataset(cfg, base_dir: Path | None = None, tokenizer=None) -> DatasetR
     return check_examples(find_examples(cfg, base_dir), cfg, where=where, tokenizer=tokenizer)
 
 
+def discover_examples(cfg, base_dir: Path | None = None, log: Callable[[str], None] = print) -> list[Example]:
+    """The usable examples `cfg` (a DataConfig) names, for training: what cannot train is left out,
+    and each finding is logged. Raises FinetuneError when the set is empty or nothing in it is usable."""
+    report = check_dataset(cfg, base_dir)
+    if report.findings or report.notes:
+        for line in report.summary(limit=_LOGGED_PER_CATEGORY):
+            log(line)
+    report.raise_if_unusable()
+    return report.usable
+
+
 def check_examples(examples: list[Example], cfg, where=None, tokenizer=None) -> DatasetReport:
     """Check `examples` against `cfg` (a DataConfig: resolution, buckets, max_pixels, instance
     prompt). With a `tokenizer`, captions are measured against its model_max_length too."""
@@ -223,7 +237,7 @@ def load_tokenizer(base: str | None, config: str | None = None):
 
 
 def _tokenizer_folder(where: str) -> Path:
-    from ..testing import BUILTIN_PREFIX, resolve_builtin
+    from ..tiny_models import BUILTIN_PREFIX, resolve_builtin
 
     if where.startswith(BUILTIN_PREFIX):
         return resolve_builtin(where[len(BUILTIN_PREFIX):]) / "tokenizer"

@@ -45,25 +45,31 @@ class ImageCaptionDataset(Dataset):
     def example(self, index: int) -> Example:
         return self.examples[index % len(self.examples)]
 
-    def caption(self, index: int) -> str:
-        """The caption item `index` gets this epoch, after caption dropout."""
+    def caption(self, index: int, epoch: int | None = None) -> str:
+        """The caption item `index` gets in `epoch` (default: the current one), after caption dropout."""
         text = self.example(index).caption or ""
         p = self.cfg.caption_dropout
-        if p > 0 and seeded_rng(self.seed, index, self.epoch, _CAPTION).random() < p:
+        epoch = self.epoch if epoch is None else epoch
+        if p > 0 and seeded_rng(self.seed, index, epoch, _CAPTION).random() < p:
             return ""
         return text
 
     def __getitem__(self, index: int) -> dict:
+        return self.item(index, self.epoch)
+
+    def item(self, index: int, epoch: int) -> dict:
+        """Item `index` as epoch `epoch` sees it. The epoch is an argument, not state, for DataLoader
+        workers: each holds its own copy of the dataset, which set_epoch in the main process never reaches."""
         if not 0 <= index < len(self):
             raise IndexError(index)
         example = self.example(index)
         image = example.load()
         width, height = self.buckets[self.bucket_of_index[index]]
-        rng = seeded_rng(self.seed, index, self.epoch, _TRANSFORM)
+        rng = seeded_rng(self.seed, index, epoch, _TRANSFORM)
         pixels, top, left = self._fit(image, width, height, rng)
         return {
             "pixel_values": pixels,
-            "caption": self.caption(index),
+            "caption": self.caption(index, epoch),
             "key": example.key,
             "original_size": (image.height, image.width),
             "crop_top_left": (top, left),

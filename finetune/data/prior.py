@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import FinetuneError
+from ..files import write_atomically
 from .images import IMAGE_EXTENSIONS
 from .sources import Example
 
@@ -94,9 +95,8 @@ def ensure_class_images(pipe, cfg, resolution: int, log: Callable[[str], None], 
                 left_out += 1
             else:
                 final = folder / f"class-{index:05d}-seed{used_seed}.png"  # the seed that reproduces it
-                tmp = folder / f".tmp-{final.name}"
-                image.save(tmp, format="PNG")
-                tmp.replace(final)  # a run killed mid-save never leaves a truncated image to train on
+                # A run killed mid-save never leaves a truncated image to train on.
+                write_atomically(final, lambda tmp: image.save(tmp, format="PNG"))
             index += 1
             bar.update(1)
     bar.close()

@@ -2,8 +2,8 @@
 a `datasets` dataset. Nothing is decoded here; `Example.load` reads pixels when they are needed.
 
 A problem with one example (a missing or broken file, an unreadable caption) is recorded, not
-raised: `discover_examples` hands the set to `check.check_examples`, which leaves unusable
-examples out and reports them all at once. Only problems with the set itself raise here.
+raised: `check.discover_examples` checks the set, leaves unusable examples out and reports them
+all at once. Only problems with the set itself raise here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Callable
 
 from PIL import Image
 
@@ -26,8 +25,6 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # Files `save_to_disk` writes: a folder holding one of them is a saved dataset, not an image folder.
 _SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# How many files per problem the training log names; `finetune dataset check` names them all.
-_LOGGED_PER_CATEGORY = 5
 
 
 @dataclass
@@ -62,20 +59,6 @@ class Example:
         if self.image is not None:
             return oriented_size(self.image, self.key)
         raise FinetuneError(f"example {self.key} has no image")
-
-
-def discover_examples(cfg, base_dir: Path | None = None, log: Callable[[str], None] = print) -> list[Example]:
-    """The usable examples `cfg` (a DataConfig) names. Every example is checked first
-    (`finetune dataset check`): what cannot train is left out, and each finding is logged.
-    Raises FinetuneError when the set is empty or nothing in it is usable."""
-    from .check import check_examples  # imported here: check builds on this module
-
-    report = check_examples(find_examples(cfg, base_dir), cfg, where=resolve_data_path(cfg.path, base_dir))
-    if report.findings or report.notes:
-        for line in report.summary(limit=_LOGGED_PER_CATEGORY):
-            log(line)
-    report.raise_if_unusable()
-    return report.usable
 
 
 def find_examples(cfg, base_dir: Path | None = None) -> list[Example]:

@@ -21,7 +21,6 @@ import inspect
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .files import atomic_save_safetensors, replace_as_output
+from ..files import atomic_save_safetensors, write_atomically
 
 KOHYA_NETWORK_MODULE = "networks.lora"
 UNET_PREFIX = "lora_unet"
@@ -217,6 +216,24 @@ def _num(x: float) -> str:
     return str(int(x)) if x.is_integer() else repr(x)
 
 
+def _modelspec(base_model_version: str, output_name: str | None) -> dict[str, str]:
+    """The SAI ModelSpec keys webui and ComfyUI show; none for a family ModelSpec has no name for."""
+    arch, resolution, prediction = _MODELSPEC.get(base_model_version, (None, None, None))
+    if arch is None:
+        return {}
+    meta = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": arch,
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": output_name or "LoRA",
+        "modelspec.resolution": resolution,
+        "modelspec.date": datetime.fromtimestamp(int(time.time()), tz=timezone.utc).isoformat(),
+    }
+    if prediction:
+        meta["modelspec.prediction_type"] = prediction
+    return meta
+
+
 def kohya_metadata(
     *,
     rank: int,
@@ -225,25 +242,18 @@ def kohya_metadata(
     output_name: str | None = None,
     trains_text_encoder: bool | None = None,
     base_model_name: str | None = None,
-    network_args: Mapping[str, Any] | None = None,
-    resolution: int | tuple[int, int] | None = None,
     training: Mapping[str, Any] | None = None,
-    title: str | None = None,
-    author: str | None = None,
-    description: str | None = None,
-    timestamp: float | None = None,
 ) -> dict[str, str]:
     """The string metadata kohya's sd-scripts puts in a LoRA .safetensors, limited to what we know.
 
     Always: `ss_network_module` ("networks.lora"), `ss_network_dim`, `ss_network_alpha`, `ss_v2`,
     `ss_base_model_version` ("sd_v1", "sd_v2", "sd_v2_v", "sdxl_base_v1-0"), the SAI ModelSpec
     `modelspec.*` keys (architecture, implementation, title, resolution, date, prediction type).
-    When given: `ss_output_name`, `ss_sd_model_name`, `ss_network_args` (JSON), and `training`
-    entries such as {"learning_rate": 1e-4, "steps": 500, "seed": 0} written as `ss_<key>`
-    (kohya's names: learning_rate, unet_lr, text_encoder_lr, steps, epoch, num_epochs, seed,
-    resolution, mixed_precision, optimizer, lr_scheduler, clip_skip, tag_frequency, ...; dicts and
-    lists are JSON-encoded). Nothing is written as "None". The file hash (`sshs_model_hash`)
-    is added by `save_kohya_lora`, which sees the tensors.
+    When given: `ss_output_name`, `ss_sd_model_name` (the base model's file or folder name, as
+    kohya writes it), and `training` entries such as {"learning_rate": 1e-4, "seed": 0} written as
+    `ss_<key>` (kohya's names: learning_rate, unet_lr, text_encoder_lr, max_train_steps, num_epochs,
+    seed, mixed_precision, lr_scheduler, ...; dicts and lists are JSON-encoded). Nothing is written
+    as "None". The file hash (`sshs_model_hash`) is added by `save_kohya_lora`, which sees the tensors.
     """
     meta: dict[str, str] = {
         "ss_network_module": KOHYA_NETWORK_MODULE,
@@ -256,36 +266,12 @@ def kohya_metadata(
         meta["ss_output_name"] = output_name
     if base_model_name:
         meta["ss_sd_model_name"] = base_model_name
-    if network_args:
-        meta["ss_network_args"] = json.dumps({k: str(v) for k, v in network_args.items()})
     for key, value in (training or {}).items():
         if value is None:
             continue
         key = key if key.startswith("ss_") else f"ss_{key}"
         meta[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
-
-    arch, default_reso, prediction = _MODELSPEC.get(base_model_version, (None, None, None))
-    if arch is not None:
-        if resolution is not None:
-            w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
-            reso = f"{w}x{h}"
-        else:
-            reso = default_reso
-        ts = time.time() if timestamp is None else timestamp
-        meta.update({
-            "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": arch,
-            "modelspec.implementation": "diffusers",
-            "modelspec.title": title or output_name or "LoRA",
-            "modelspec.resolution": reso,
-            "modelspec.date": datetime.fromtimestamp(int(ts), tz=timezone.utc).isoformat(),
-        })
-        if prediction:
-            meta["modelspec.prediction_type"] = prediction
-        if author:
-            meta["modelspec.author"] = author
-        if description:
-            meta["modelspec.description"] = description
+    meta.update(_modelspec(base_model_version, output_name))
     if trains_text_encoder is not None:
         meta["finetune.trains_text_encoder"] = str(bool(trains_text_encoder))
     try:
@@ -392,15 +378,13 @@ def save_diffusers_lora(
     if not kwargs:
         raise ValueError("nothing to export: all LoRA state dicts are empty")
 
-    folder.mkdir(parents=True, exist_ok=True)
-    # diffusers writes in place; write into a temp folder beside the target, then move the file.
-    with tempfile.TemporaryDirectory(prefix=".lora-", dir=folder) as tmp:
-        pipeline_cls.save_lora_weights(tmp, weight_name=weight_name, safe_serialization=True, **kwargs)
-        written = Path(tmp) / weight_name
-        if not written.exists():
+    def write(tmp: Path) -> None:
+        # diffusers writes `folder/weight_name`; named after the temporary file, it writes that.
+        pipeline_cls.save_lora_weights(tmp.parent, weight_name=tmp.name, safe_serialization=True, **kwargs)
+        if not tmp.stat().st_size:
             raise RuntimeError(f"{pipeline_cls.__name__}.save_lora_weights did not write {weight_name}")
-        target = replace_as_output(written, folder / weight_name)
-    return target
+
+    return write_atomically(folder / weight_name, write, durable=True)
 
 
 __all__ = [

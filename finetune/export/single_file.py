@@ -42,12 +42,7 @@ Not covered (refused with a clear error): SD3/FLUX, inpainting/upscaler extras s
 embeddings; any parameter the mapping does not place makes the export fail rather than silently
 drop weights.
 
-peft: a model carrying LoRA layers is exported as it currently computes: for each LoRA layer the
-active, not-yet-merged adapters' deltas (peft's own `get_delta_weight`) are added to the base
-weight in the exported copy (the model is not modified); adapters already merged are in the base
-weight already; with adapters disabled the base weight alone is written. DoRA, LoRA bias, other
-peft tuners and `modules_to_save` wrappers are refused: merge them with peft
-(`merge_and_unload`) first.
+A model carrying peft adapter layers is refused: merge them first (peft's `merge_and_unload`).
 """
 
 from __future__ import annotations
@@ -58,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_save_safetensors
+from ..files import atomic_save_safetensors
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -74,12 +69,16 @@ _OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out
                     "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
 
+# Names peft gives what it wraps (LoRA layers, modules_to_save): none is in an original checkpoint.
+_PEFT_MARKERS = (".base_layer.", ".lora_", ".original_module.", ".modules_to_save.")
+
+
 class SingleFileExportError(ValueError):
     """The model cannot be written in the original single-file layout."""
 
 
 # --------------------------------------------------------------------------------------------
-# plain state dicts (peft layers folded in)
+# plain state dicts
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -87,68 +86,15 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def _lora_effective_weights(name: str, layer) -> dict[str, torch.Tensor]:
-    from peft.tuners.lora import LoraLayer
-
-    if not isinstance(layer, LoraLayer):
-        raise SingleFileExportError(
-            f"{name}: peft layer {type(layer).__name__} is not a LoRA layer; merge it with peft's "
-            "merge_and_unload() before exporting a single file")
-    base = layer.get_base_layer()
-    weight = base.weight.detach().clone()
-    bias = None if getattr(base, "bias", None) is None else base.bias.detach().clone()
-    if not layer.disable_adapters:
-        merged = set(getattr(layer, "merged_adapters", []))
-        for adapter in layer.active_adapters:
-            if adapter in merged:
-                continue  # already part of the base weight
-            if adapter not in layer.lora_A and adapter not in getattr(layer, "lora_embedding_A", {}):
-                continue  # this layer has no such adapter
-            if getattr(layer, "use_dora", {}).get(adapter, False):
-                raise SingleFileExportError(
-                    f"{name}: DoRA adapter {adapter!r} cannot be folded here; merge it with peft's "
-                    "merge_and_unload() first")
-            if getattr(layer, "lora_bias", {}).get(adapter, False):
-                raise SingleFileExportError(
-                    f"{name}: LoRA adapter {adapter!r} has a trained bias (lora_bias); merge it with "
-                    "peft's merge_and_unload() first")
-            with torch.no_grad():
-                delta = layer.get_delta_weight(adapter)
-            weight = weight + delta.to(device=weight.device, dtype=weight.dtype)
-    out = {"weight": weight}
-    if bias is not None:
-        out["bias"] = bias
-    return out
-
-
 def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """`model.state_dict()` with any peft LoRA layers folded into plain `.weight`/`.bias` keys."""
-    model = _unwrap(model)
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import AuxiliaryTrainingWrapper
-    except ImportError:  # peft not installed: nothing can be wrapped
-        BaseTunerLayer = AuxiliaryTrainingWrapper = ()  # noqa: N806
-
-    tuned: dict[str, dict[str, torch.Tensor]] = {}
-    for name, module in model.named_modules():
-        if AuxiliaryTrainingWrapper and isinstance(module, AuxiliaryTrainingWrapper):
-            raise SingleFileExportError(
-                f"{name}: peft {type(module).__name__} (modules_to_save/trainable tokens) is not supported; "
-                "merge the adapter with peft's merge_and_unload() first")
-        if BaseTunerLayer and isinstance(module, BaseTunerLayer):
-            if any(name.startswith(t + ".") for t in tuned):
-                continue
-            tuned[name] = _lora_effective_weights(name, module)
-
-    state: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        if any(key.startswith(t + ".") for t in tuned):
-            continue
-        state[key] = value.detach()
-    for name, params in tuned.items():
-        for pname, value in params.items():
-            state[f"{name}.{pname}"] = value
+    """`model.state_dict()`, refusing peft adapter layers: the original layout keeps transformer
+    blocks' inner names, so their `base_layer`/`lora_A` keys would otherwise pass into the file."""
+    state = {key: value.detach() for key, value in _unwrap(model).state_dict().items()}
+    adapted = [key for key in state if any(marker in key for marker in _PEFT_MARKERS)]
+    if adapted:
+        raise SingleFileExportError(
+            f"{adapted[0]}: the model carries peft adapter layers; merge them (peft's merge_and_unload()) "
+            "before exporting a single file")
     return state
 
 
@@ -371,8 +317,7 @@ def sd1_single_file_state_dict(unet, vae, text_encoder, *, text_encoder_format: 
     Keys are those of a real SD checkpoint (`model.diffusion_model.*`, `first_stage_model.*`,
     `cond_stage_model.transformer.text_model.*` for SD1.x, `cond_stage_model.model.*` for SD2.x).
     `text_encoder_format`: "auto" (OpenCLIP/SD2 if the text encoder uses `gelu`, else CLIP/SD1),
-    "clip" or "open_clip". Tensors keep their dtype and device; peft LoRA layers are folded in
-    (see the module docstring). Raises `SingleFileExportError` for anything that does not fit.
+    "clip" or "open_clip". Tensors keep their dtype and device. Raises `SingleFileExportError` for anything that does not fit.
     """
     result = _unet_vae_state(unet, vae, _unet_modules(_unwrap(unet)))
     te_state = plain_state_dict(text_encoder)

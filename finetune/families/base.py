@@ -1,7 +1,7 @@
 """What a model family must provide. The training loop and the methods talk only to this; adding a
 family (SDXL, FLUX, ...) is one module in `finetune/families/` registered with `@register_family`,
-a tiny shape-faithful builder for tests (`finetune/tiny_<family>.py`, listed in
-`finetune.testing.BUILTIN_MODELS`) and recipes — no change to the loop or to a method.
+a tiny shape-faithful builder for tests (`finetune/tiny_models/<family>.py`, listed in
+`finetune.tiny_models.BUILTIN_MODELS`) and recipes — no change to the loop or to a method.
 
 Recognising and loading
 - `name`; `pipeline_class` (sampling, and diffusers' LoRA / textual-inversion loaders) and
@@ -70,7 +70,7 @@ def base_problem(base: str, allow_pickle: bool = False, offline_cache: bool = Tr
     """What is wrong with `model.base`, found without loading (or building) anything; None if nothing.
     `offline_cache`: with HF_HUB_OFFLINE set, a hub id must be in the local cache (checked when
     training; `finetune validate` may be checking a recipe meant for another machine)."""
-    from ..testing import BUILTIN_MODELS, BUILTIN_PREFIX
+    from ..tiny_models import BUILTIN_MODELS, BUILTIN_PREFIX
 
     if base.startswith(BUILTIN_PREFIX):
         name = base[len(BUILTIN_PREFIX):]
@@ -100,7 +100,7 @@ def base_problem(base: str, allow_pickle: bool = False, offline_cache: bool = Tr
 
 
 def resolve_source(base: str, allow_pickle: bool = False) -> ModelSource:
-    from ..testing import BUILTIN_PREFIX, resolve_builtin
+    from ..tiny_models import BUILTIN_PREFIX, resolve_builtin
 
     problem = base_problem(base, allow_pickle)
     if problem:
@@ -191,6 +191,11 @@ class Family:
         raise NotImplementedError(f"single-file export is not available for the {self.name} family")
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are; also for a module wrapped by DDP, which has no `.device`."""
+    return next(module.parameters()).device
+
+
 def vae_problem(vae: str, offline_cache: bool = True) -> str | None:
     """What is wrong with `model.vae` (a diffusers VAE folder or hub id), found without loading it;
     worded as the families' loaders word a VAE that fails to load ("cannot load ...")."""
@@ -210,6 +215,19 @@ def vae_problem(vae: str, offline_cache: bool = True) -> str | None:
     if constants.HF_HUB_OFFLINE and not any(_cached(vae, f, None) for f in ("config.json", "vae/config.json")):
         return f"cannot load {vae}: not in the local hub cache, and HF_HUB_OFFLINE is set, so not downloaded"
     return None
+
+
+def load_vae(cfg):
+    """The VAE `cfg.vae` names (a diffusers VAE folder, a model folder with vae/, or a hub id),
+    safetensors only unless `cfg.allow_pickle`; one FinetuneError line when it does not load."""
+    from diffusers import AutoencoderKL
+
+    try:
+        sub = "vae" if (Path(cfg.vae).expanduser() / "vae").is_dir() else None
+        return AutoencoderKL.from_pretrained(cfg.vae, subfolder=sub, use_safetensors=None if cfg.allow_pickle else True)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FinetuneError(f"model.vae: cannot load {cfg.vae}: {first}") from e
 
 
 def _cached(repo: str, filename: str, revision: str | None) -> Path | None:

@@ -20,7 +20,6 @@ its converter has them written in for the single blocks' linear1).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
@@ -28,7 +27,7 @@ from pydantic import Field
 from ..config_base import Section
 from ..errors import FinetuneError
 from . import register_family
-from .base import Components, Family, ModelSource
+from .base import Components, Family, ModelSource, load_vae, module_device
 
 # torch is imported inside the functions that run it: validating a recipe imports every plug-in
 # module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
@@ -239,14 +238,7 @@ class FluxFamily(Family):
         )
 
     def _load_vae(self, cfg):
-        from diffusers import AutoencoderKL
-
-        try:
-            sub = "vae" if (Path(cfg.vae).expanduser() / "vae").is_dir() else None
-            vae = AutoencoderKL.from_pretrained(cfg.vae, subfolder=sub, use_safetensors=None if cfg.allow_pickle else True)
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FinetuneError(f"model.vae: cannot load {cfg.vae}: {first}") from e
+        vae = load_vae(cfg)
         if vae.config.latent_channels != 16:
             raise FinetuneError(f"model.vae: {cfg.vae} has {vae.config.latent_channels} latent channels; FLUX.1 needs "
                                 "a 16-channel VAE (its own, or one trained for it)")
@@ -290,11 +282,11 @@ class FluxFamily(Family):
         tok, tok2 = c.tokenizers["text_encoder"], c.tokenizers["text_encoder_2"]
         ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
-        pooled = clip(ids.to(_device(clip)), output_hidden_states=False).pooler_output
+        pooled = clip(ids.to(module_device(clip)), output_hidden_states=False).pooler_output
         ids2 = tok2(captions, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True,
                     return_tensors="pt").input_ids
         with torch.no_grad():  # T5 never trains
-            hidden = t5(ids2.to(_device(t5)), output_hidden_states=False)[0]
+            hidden = t5(ids2.to(module_device(t5)), output_hidden_states=False)[0]
         return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
 
     def count_truncated(self, c: Components, captions: list[str]) -> int:
@@ -387,5 +379,3 @@ class FluxFamily(Family):
         return out
 
 
-def _device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device

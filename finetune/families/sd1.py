@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import FinetuneError
 from . import _ddpm, register_family
-from .base import Components, Family, ModelSource
+from .base import Components, Family, ModelSource, load_vae, module_device
 
 # torch is imported inside the functions that run it: validating a recipe imports every plug-in
 # module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
@@ -50,7 +49,7 @@ class SD1Family(Family):
                     "model.allow_pickle=true if you trust its source") if not cfg.allow_pickle else ""
             raise FinetuneError(f"model.base: cannot load {source.label}: {first}{hint}") from e
         if cfg.vae:
-            pipe.vae = self._load_vae(cfg)
+            pipe.vae = load_vae(cfg)
         sched_config = dict(pipe.scheduler.config)
         if cfg.prediction_type:
             sched_config["prediction_type"] = cfg.prediction_type
@@ -62,16 +61,6 @@ class SD1Family(Family):
             tokenizers={n: getattr(pipe, n.replace("text_encoder", "tokenizer")) for n in self.text_encoder_names},
             noise_scheduler=noise_scheduler, source=source,
         )
-
-    def _load_vae(self, cfg):
-        from diffusers import AutoencoderKL
-
-        try:
-            sub = "vae" if (Path(cfg.vae).expanduser() / "vae").is_dir() else None
-            return AutoencoderKL.from_pretrained(cfg.vae, subfolder=sub, use_safetensors=None if cfg.allow_pickle else True)
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FinetuneError(f"model.vae: cannot load {cfg.vae}: {first}") from e
 
     def encode_images(self, c: Components, pixels: torch.Tensor) -> torch.Tensor:
         vae = c.vae
@@ -85,7 +74,7 @@ class SD1Family(Family):
 
     def encode_prompts(self, c: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         te = c.text_encoders["text_encoder"]
-        hidden = te(self._ids(c, captions).to(te.device))[0]
+        hidden = te(self._ids(c, captions).to(module_device(te)))[0]
         return {"encoder_hidden_states": hidden}
 
     def count_truncated(self, c: Components, captions: list[str]) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import register_family
-from .base import Components
+from .base import Components, module_device
 from .sd1 import SD1Family
 
 # torch is imported inside the functions that run it: validating a recipe imports every plug-in
@@ -52,7 +52,7 @@ class SDXLFamily(SD1Family):
         hidden, pooled = [], None
         for name in self.text_encoder_names:
             te = c.text_encoders[name]
-            out = te(self._ids(c, captions, name).to(te.device), output_hidden_states=True)
+            out = te(self._ids(c, captions, name).to(module_device(te)), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])  # SDXL reads the penultimate layer of both encoders
             if hasattr(out, "text_embeds"):
                 pooled = out.text_embeds  # the second encoder's projection

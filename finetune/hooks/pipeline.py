@@ -3,15 +3,13 @@ manifest line for every image, written or rejected."""
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
 import re
-import secrets
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from ..files import write_atomically
 from .base import Hook, OutputImage, Provenance, Verdict
 
 MANIFEST = "manifest.jsonl"
@@ -46,40 +44,23 @@ class OutputPipeline:
 
 
 def _save_image(item: OutputImage, path: Path) -> Path:
-    """Write the image under `path`, or the first free name after it; returns the name it got."""
-    # A name of its own (process and random part): two writers into one folder never share one.
-    tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
-    try:
-        if path.suffix.lower() in (".jpg", ".jpeg"):
-            exif = Image.Exif()
-            if "parameters" in item.text:
-                # EXIF UserComment, as webui writes it for JPEG: an 8-byte charset header, then UTF-16.
-                exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\0" + item.text["parameters"].encode("utf-16-be")
-            item.image.save(tmp, format="JPEG", quality=95, exif=exif)
-        else:
-            info = PngImagePlugin.PngInfo()
-            for key, value in item.text.items():
-                info.add_itxt(key, value)
-            item.image.save(tmp, format="PNG", pnginfo=info)
-        return _claim(tmp, path)  # never a half-written image under the final name
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write the image under `path`, or the first free name after it (an image never replaces
+    another); returns the name it got."""
+    return write_atomically(path, lambda tmp: _encode(item, tmp), overwrite=False)
 
 
-def _claim(tmp: Path, path: Path) -> Path:
-    """Give `tmp` the name `path`, or `<stem>-2<suffix>`, `-3`, ... when that is taken: an image
-    never replaces another, even one another process wrote a moment ago."""
-    for k in itertools.count(1):
-        target = path if k == 1 else path.with_name(f"{path.stem}-{k}{path.suffix}")
-        try:
-            os.link(tmp, target)  # fails if the name exists, atomically
-        except FileExistsError:
-            continue
-        except OSError:  # a file system without hard links: check, then rename
-            if target.exists() or target.is_symlink():
-                continue
-            tmp.replace(target)
-        return target
+def _encode(item: OutputImage, tmp: Path) -> None:
+    if tmp.suffix.lower() in (".jpg", ".jpeg"):
+        exif = Image.Exif()
+        if "parameters" in item.text:
+            # EXIF UserComment, as webui writes it for JPEG: an 8-byte charset header, then UTF-16.
+            exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\0" + item.text["parameters"].encode("utf-16-be")
+        item.image.save(tmp, format="JPEG", quality=95, exif=exif)
+    else:
+        info = PngImagePlugin.PngInfo()
+        for key, value in item.text.items():
+            info.add_itxt(key, value)
+        item.image.save(tmp, format="PNG", pnginfo=info)
 
 
 def read_manifest(folder: Path) -> list[dict]:

@@ -7,7 +7,6 @@ recipe's `prior_preservation` section, shared with every method.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -58,23 +57,13 @@ class DreamBoothMethod(Method):
         return [c.denoiser, *(c.text_encoders.values() if self.cfg.train_text_encoder else [])]
 
     def save(self, c, folder: Path, output, name: str) -> list[Path]:
-        from ..export.files import give_output_modes, new_temp
+        from ..files import save_pretrained_atomically
 
         folder = Path(folder)
         written = []
         if "diffusers" in output.formats:
-            # The trained weights as they are (fp32 master weights); replaced whole, never half-written.
-            final = folder / MODEL_DIR
-            tmp = new_temp(folder, ".tmp-model-", Path.mkdir)  # mkdtemp's 0700 would hide the model from others
-            try:
-                c.pipeline.save_pretrained(tmp, safe_serialization=True)
-                give_output_modes(tmp)
-                if final.exists():
-                    shutil.rmtree(final)
-                tmp.rename(final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            written.append(final)
+            # The trained weights as they are (fp32 master weights).
+            written.append(save_pretrained_atomically(c.pipeline, folder / MODEL_DIR))
         if self.cfg.single_file:
             written.append(self.family.save_single_file(c, folder / f"{name}.safetensors", save_dtype(output.save_dtype)))
         return written

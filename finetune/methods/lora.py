@@ -120,11 +120,24 @@ class LoraMethod(Method):
             meta = kohya_metadata(
                 base_model_version=self.family.kohya_base_model_version, rank=self.unet_config.r,
                 alpha=kohya_alpha(self.unet_config), output_name=name,
-                trains_text_encoder=bool(self.text_encoder_configs))
+                trains_text_encoder=bool(self.text_encoder_configs),
+                base_model_name=_base_model_name(c.source.label), training=self._kohya_training())
             path = folder / f"{name}.safetensors"
             save_kohya_lora(path, state, meta, dtype)
             written.append(path)
         return written
+
+    def _kohya_training(self) -> dict:
+        """The run's settings under kohya's `ss_*` names: webui and civitai show them from the file."""
+        t = self.training
+        te_lr = (self.cfg.text_encoder_lr or t.learning_rate) if self.text_encoder_configs else None
+        return {"learning_rate": t.learning_rate, "unet_lr": t.learning_rate, "text_encoder_lr": te_lr,
+                "max_train_steps": t.max_steps, "num_epochs": t.epochs, "lr_scheduler": t.lr_scheduler,
+                "lr_warmup_steps": t.lr_warmup_steps, "mixed_precision": t.mixed_precision, "seed": t.seed,
+                "gradient_accumulation_steps": t.gradient_accumulation_steps,
+                "gradient_checkpointing": t.gradient_checkpointing, "noise_offset": t.noise_offset,
+                "min_snr_gamma": t.min_snr_gamma, "max_grad_norm": t.max_grad_norm,
+                "network_dropout": self.cfg.dropout}
 
     def describe_file(self, path: Path) -> str:
         if path.name == DIFFUSERS_WEIGHT_NAME:
@@ -141,3 +154,9 @@ class LoraMethod(Method):
             return f"pipe.load_lora_weights({str(run_dir)!r})"
         kohya = next(n for n in names if "kohya" in self.describe_file(Path(n)))
         return f"pipe.load_lora_weights({str(run_dir)!r}, weight_name={kohya!r})"
+
+
+def _base_model_name(label: str) -> str:
+    """The base model's last path part, as kohya records it: a hub id's name, a file's or folder's
+    name, never the folders of this machine above it."""
+    return label.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]

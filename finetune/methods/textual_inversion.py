@@ -189,7 +189,7 @@ class TextualInversionMethod(Method):
         return self.vectors[name or next(iter(self.vectors))].learned()
 
     def save(self, c, folder: Path, output, name: str) -> list[Path]:
-        from ..export.files import atomic_save_safetensors
+        from ..files import atomic_save_safetensors
 
         folder = Path(folder)
         dtype = save_dtype(output.save_dtype)

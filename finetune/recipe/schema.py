@@ -137,6 +137,9 @@ class TrainingConfig(Section):
     batch_size: int = Field(1, ge=1, le=MAX_BATCH)
     gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH)
     learning_rate: float = Field(1e-4, gt=0, le=MAX_LR)
+    scale_lr: bool = Field(False, description=(
+        "Multiply every learning rate by the global batch (batch_size x processes x accumulation), as the "
+        "diffusers examples' --scale_lr; off: rates are used as written on any number of processes."))
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine",
                           "cosine_with_restarts", "polynomial"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from ..errors import FinetuneError, safe_name
-from ..export.files import atomic_save_safetensors, new_temp
+from ..files import atomic_save_safetensors, new_temp, write_text_atomically
 
 MANIFEST = "checkpoint.json"
 TRAINER = "trainer.json"
@@ -53,6 +53,7 @@ class TrainerState:
     losses: list[float] = field(default_factory=list)
     method: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # data_fingerprint() of what this run trains on
+    processes: int = 1  # the data order and RNG states are per process: a resume needs as many
 
 
 def register_param_hooks(accelerator, groups: list[dict]) -> None:
@@ -69,7 +70,7 @@ def register_param_hooks(accelerator, groups: list[dict]) -> None:
     def save_hook(models, weights, output_dir):
         for i, model in enumerate(models):
             params = named(model)
-            if params:
+            if params and accelerator.is_main_process:  # the same on every process; one writer
                 # Not save_file: safetensors writes 0600 whatever the umask.
                 atomic_save_safetensors(os.path.join(output_dir, PARAMS.format(i)),
                                         {n: p.detach().contiguous().cpu() for n, p in params.items()})
@@ -125,11 +126,7 @@ def write_manifest(folder: Path, step: int) -> None:
         if p.suffix == ".safetensors":
             _check_safetensors(p)
     files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
-    tmp = folder / f".{MANIFEST}"
-    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(folder / MANIFEST)
+    write_text_atomically(folder / MANIFEST, json.dumps({"step": step, "files": files}, indent=1), durable=True)
 
 
 def verify(folder: Path) -> str | None:
@@ -181,23 +178,50 @@ def completed(checkpoints: Path) -> list[Path]:
     return sorted(p for p in checkpoints.glob("step-*") if p.is_dir() and (p / MANIFEST).is_file())
 
 
-def save(checkpoints: Path, step: int, write: Callable[[Path], None], state: TrainerState, needed: int,
-         keep: int | None) -> Path:
-    """Write a checkpoint through `write(folder)` plus `state`; atomic, verified; prune to `keep`."""
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    check_free_space(checkpoints, needed)
-    final = checkpoints / f"step-{step:06d}"
-    tmp = new_temp(checkpoints, ".tmp-", Path.mkdir)
+def save(accelerator, checkpoints: Path, state: TrainerState, writers: tuple[Callable[[Path], None], ...],
+         needed: int, keep: int | None) -> Path:
+    """The checkpoint of step `state.step`: every process writes its part through `writers[0](folder)`
+    (accelerate's state: an RNG file each), the main process the rest through `writers[1](folder)`
+    and `state`; then it verifies, renames and prunes to `keep`. Atomic: a kill leaves no new
+    checkpoint or a complete one."""
+    from .distributed import on_main
+
+    step, (write_all, write_main) = state.step, writers
+
+    tmp = on_main(accelerator, lambda: _begin(checkpoints, step, needed))
     try:
-        write(tmp)
+        write_all(tmp)
+    except OSError as e:
+        raise _save_failed(e, step, checkpoints) from e
+    accelerator.wait_for_everyone()
+    return on_main(accelerator, lambda: _commit(tmp, checkpoints, step, write_main, state, keep))
+
+
+def _save_failed(e: OSError, step: int, checkpoints: Path) -> FinetuneError:
+    return FinetuneError(f"could not write the checkpoint for step {step} in {checkpoints}: {e.strerror or e}; "
+                         "the previous checkpoint is intact")
+
+
+def _begin(checkpoints: Path, step: int, needed: int) -> Path:
+    try:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        check_free_space(checkpoints, needed)
+        return new_temp(checkpoints, ".tmp-", Path.mkdir)
+    except OSError as e:
+        raise _save_failed(e, step, checkpoints) from e
+
+
+def _commit(tmp: Path, checkpoints: Path, step: int, write_main, state: TrainerState, keep: int | None) -> Path:
+    final = checkpoints / f"step-{step:06d}"
+    try:
+        write_main(tmp)
         (tmp / TRAINER).write_text(json.dumps(asdict(state)), encoding="utf-8")
         write_manifest(tmp, step)
         if final.exists():  # an unverified leftover of a killed run at this step
             shutil.rmtree(final)
         tmp.rename(final)
     except OSError as e:
-        raise FinetuneError(f"could not write the checkpoint for step {step} in {checkpoints}: {e.strerror or e}; "
-                            "the previous checkpoint is intact") from e
+        raise _save_failed(e, step, checkpoints) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if keep:
@@ -205,6 +229,16 @@ def save(checkpoints: Path, step: int, write: Callable[[Path], None], state: Tra
         for old in completed(checkpoints)[:-keep]:
             shutil.rmtree(old)
     return final
+
+
+def check_same_processes(ckpt: Path, processes: int) -> None:
+    """Refuse a resume on another number of processes: each one's place in the data and RNG state
+    were saved for that number."""
+    saved = read_trainer_state(ckpt).processes
+    if saved != processes:
+        raise FinetuneError(f"--resume: {ckpt.name} was saved by a run on {saved} process(es), this one has "
+                            f"{processes}; resume with {saved} (finetune train ... --processes {saved}) to continue "
+                            "exactly, or start a new run")
 
 
 def latest_valid(run_dir: Path, log: Callable[[str], None]) -> Path | None:

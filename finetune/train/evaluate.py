@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .batches import fork_rng
+from .caches import fork_rng
 
 
 def uncropped_sizes(latents: torch.Tensor, vae_scale: int = 8) -> dict:
@@ -18,9 +18,8 @@ def uncropped_sizes(latents: torch.Tensor, vae_scale: int = 8) -> dict:
 
 
 @torch.no_grad()
-def fixed_noise_loss(family, c, latents: torch.Tensor, captions: list[str], seed: int = 0, repeats: int = 4,
-                     sizes: dict | None = None) -> float:
-    cond = {**family.encode_prompts(c, captions), **family.image_conditioning(c, sizes or uncropped_sizes(latents))}
+def fixed_noise_loss(family, c, latents: torch.Tensor, captions: list[str], seed: int = 0, repeats: int = 4) -> float:
+    cond = {**family.encode_prompts(c, captions), **family.image_conditioning(c, uncropped_sizes(latents))}
     total = 0.0
     with fork_rng():
         torch.manual_seed(seed)

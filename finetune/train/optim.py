@@ -35,3 +35,12 @@ def build_optimizer(groups: list[dict], cfg, lr: float) -> torch.optim.Optimizer
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     raise FinetuneError(f"optimizer.type: unknown optimizer {kind!r}")
+
+
+def build_scheduler(training, optimizer, max_steps: int, processes: int):
+    """The recipe's learning-rate schedule over `max_steps` optimizer steps. accelerate steps a
+    prepared scheduler once per process at every optimizer step, so its lengths count that way."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=training.lr_warmup_steps * processes,
+                         num_training_steps=max_steps * processes)

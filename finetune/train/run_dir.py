@@ -183,9 +183,13 @@ def worth_keeping(run_dir: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def owned(run_dir: Path, lock: RunLock, log):
+def owned(run_dir: Path, lock: RunLock | None, log):
     """The run's time in its folder. However it ends the lock is released; when it fails, the folder
-    is removed only if it holds nothing worth keeping, and otherwise the log says what it kept."""
+    is removed only if it holds nothing worth keeping, and otherwise the log says what it kept.
+    `lock` None: a process other than the main one, which owns nothing."""
+    if lock is None:
+        yield
+        return
     before = worth_keeping(run_dir)
     try:
         yield

@@ -4,8 +4,9 @@ every one of them through the output hooks before anything is written."""
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,26 +25,50 @@ def slug(text: str, n: int = 40) -> str:
 BATCH = 8
 
 
-@torch.no_grad()
-def emit_images(pipe, prompts: list[str], hooks: OutputPipeline, folder: Path, *, seed: int, n: int = 1,
-                steps: int = 25, guidance: float = 7.5, negative_prompt: str | None = None,
-                width: int | None = None, height: int | None = None, autocast=None,
-                provenance: Provenance | None = None, first_index: int | None = None, log=None) -> list[Path]:
-    """Generate n images per prompt and write those the hooks let through; `log` (if given) hears
-    one line per refused prompt and per rejected image.
+@dataclass
+class Sampling:
+    """How images are made: image k (counting prompt by prompt) uses seed `seed + k`."""
 
-    Image k (counting prompt by prompt) uses seed `seed + k` on its own generator, so any single
-    image is reproduced by asking for it alone with that seed; its provenance says so. File names
-    count from `first_index`, by default on from the highest number already in `folder` (files or
-    manifest), so a second call into the same folder adds images and never replaces one.
+    seed: int
+    n: int = 1
+    steps: int = 25
+    guidance: float = 7.5
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    autocast: Callable | None = None  # a context factory (accelerate's autocast while training)
+
+
+@dataclass
+class Destination:
+    """Where images go: `folder`, through `hooks`, with `provenance`; file numbers from `first_index`
+    (None: on from the highest already in the folder); `log` hears refusals and rejections."""
+
+    folder: Path
+    hooks: OutputPipeline
+    provenance: Provenance | None = None
+    first_index: int | None = None
+    log: Callable[[str], None] | None = None
+
+
+@torch.no_grad()
+def emit_images(pipe, prompts: list[str], how: Sampling, where: Destination) -> list[Path]:
+    """Generate `how.n` images per prompt and write those the hooks let through; one log line per
+    refused prompt and per rejected image.
+
+    Each image has its own generator, so any single image is reproduced by asking for it alone with
+    its seed; its provenance says so. A second call into the same folder adds images and never
+    replaces one.
     """
-    base = provenance or Provenance(prompt="")
-    first = next_index(folder) if first_index is None else first_index
-    written, k = [], 0
+    folder, hooks, log = where.folder, where.hooks, where.log
+    base = where.provenance or Provenance(prompt="")
+    first = next_index(folder) if where.first_index is None else where.first_index
+    written, k, n = [], 0, how.n
     for prompt in prompts:
         names = [folder / f"{first + k + i:02d}-{slug(prompt)}-{i}.png" for i in range(n)]
-        provs = [replace(base, prompt=prompt, negative_prompt=negative_prompt, seed=seed + k + i, steps=steps,
-                         guidance=guidance, width=width, height=height) for i in range(n)]
+        provs = [replace(base, prompt=prompt, negative_prompt=how.negative_prompt, seed=how.seed + k + i,
+                         steps=how.steps, guidance=how.guidance, width=how.width, height=how.height)
+                 for i in range(n)]
         k += n
         refusals = hooks.check_prompt(provs[0])
         if refusals:
@@ -53,7 +78,7 @@ def emit_images(pipe, prompts: list[str], hooks: OutputPipeline, folder: Path, *
             written += write_outputs([], folder, [(name, prov, refusals) for name, prov in zip(names, provs)])
             continue
         for i in range(0, n, BATCH):
-            items = _generate(pipe, provs[i:i + BATCH], hooks, autocast)
+            items = _generate(pipe, provs[i:i + BATCH], hooks, how.autocast)
             for name, item in zip(names[i:i + BATCH], items):
                 if item.rejected and log:
                     log(f"rejected: {name.name} ({item.rejected})")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import string
-import tempfile
-from pathlib import Path
 
 import torch
 
-from .testing import SIZES, save_pipeline_atomically, write_tiny_clip_tokenizer
+from ..files import save_pretrained_atomically
+from . import tiny_clip_tokenizer
+from .sd15 import SIZES
 
 TE_HIDDEN = 32  # CLIP-L's width (its pooled output feeds the transformer); real: 768
 T5_HIDDEN = 32  # real: 4096 (T5 v1.1 XXL)
@@ -48,11 +48,10 @@ def build_tiny_flux(folder: str | os.PathLike, seed: int = 0, variant: str = "de
     """Build a FLUX.1-shaped pipeline ("dev": with the guidance embedding; "schnell": without),
     save it as a diffusers folder at `folder`, return the path."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     if variant not in SCHEDULERS:
         raise ValueError(f"variant must be one of {sorted(SCHEDULERS)}, got {variant!r}")
-    folder = Path(folder)
     dims = SIZES["tiny"]
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
@@ -75,9 +74,7 @@ def build_tiny_flux(folder: str | os.PathLike, seed: int = 0, variant: str = "de
         # FLUX's VAE: latents are (z - shift_factor) * scaling_factor; no quant convs.
         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tiny_clip_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    tokenizer = tiny_clip_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
         hidden_size=TE_HIDDEN, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
         vocab_size=len(tokenizer), max_position_embeddings=77, projection_dim=TE_HIDDEN,
@@ -95,4 +92,4 @@ def build_tiny_flux(folder: str | os.PathLike, seed: int = 0, variant: str = "de
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant])
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
-    return save_pipeline_atomically(pipe, folder)
+    return save_pretrained_atomically(pipe, folder)

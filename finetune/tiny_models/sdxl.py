@@ -8,12 +8,12 @@ block layout are the real ones, so every key we export is one a real SDXL checkp
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import torch
 
-from .testing import SIZES, save_pipeline_atomically, write_tiny_clip_tokenizer
+from ..files import save_pretrained_atomically
+from . import tiny_clip_tokenizer
+from .sd15 import SIZES
 
 # Text encoder widths; real SDXL: 768 (CLIP ViT-L) and 1280 (OpenCLIP bigG). They must differ, as
 # the real ones do: diffusers' single-file reader tells the two encoders apart by width.
@@ -23,7 +23,7 @@ TIME_EMBED = 8  # real: 256
 
 def build_tiny_sdxl(folder: str | os.PathLike, seed: int = 0):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     dims = SIZES["tiny"]
     torch.manual_seed(seed)
@@ -48,9 +48,7 @@ def build_tiny_sdxl(folder: str | os.PathLike, seed: int = 0):
         block_out_channels=dims["vae"], layers_per_block=dims["vae_layers"], norm_num_groups=dims["vae_groups"],
         latent_channels=4, sample_size=64, scaling_factor=0.13025, force_upcast=True,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tiny_clip_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    tokenizer = tiny_clip_tokenizer()
     common = dict(intermediate_size=64, num_attention_heads=4, vocab_size=len(tokenizer), max_position_embeddings=77,
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)
@@ -65,4 +63,4 @@ def build_tiny_sdxl(folder: str | os.PathLike, seed: int = 0):
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
                                      force_zeros_for_empty_prompt=True)
-    return save_pipeline_atomically(pipe, Path(folder))
+    return save_pretrained_atomically(pipe, folder)

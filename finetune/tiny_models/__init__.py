@@ -1,0 +1,82 @@
+"""Tiny, shape-faithful models built from configs, for tests and the quickstart: `builtin:<name>` in
+a recipe. Each family's builder lives in its own module (`sd15`, `sdxl`, `flux`) and is imported
+when first used; what they share (the byte-level CLIP tokenizer) is here.
+
+Built models are kept in the finetune cache (`$FINETUNE_CACHE/<name>`) and built again only when
+that folder has no model_index.json.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ..cache import cache_dir
+
+BUILTIN_PREFIX = "builtin:"
+TINY_SD15 = "tiny-sd15"
+
+
+def _builder(module: str, name: str):
+    def build(folder: str | os.PathLike, seed: int = 0):
+        return getattr(importlib.import_module(module, __package__), name)(folder, seed=seed)
+    return build
+
+
+BUILTIN_MODELS = {TINY_SD15: _builder(".sd15", "build_tiny_sd15"),
+                  "sd15-full-random": _builder(".sd15", "build_sd15_full_random"),
+                  "tiny-sdxl": _builder(".sdxl", "build_tiny_sdxl"),
+                  "tiny-flux": _builder(".flux", "build_tiny_flux")}
+
+
+def resolve_builtin(name: str) -> Path:
+    """Path of a built-in tiny model's diffusers folder, building it on first use."""
+    if name not in BUILTIN_MODELS:
+        from ..errors import FinetuneError
+        raise FinetuneError(f"unknown built-in model {name!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
+    folder = cache_dir() / name
+    if not (folder / "model_index.json").exists():
+        BUILTIN_MODELS[name](folder)
+    return folder
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The byte->printable-character table CLIP's BPE uses (GPT-2's scheme).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_tiny_clip_tokenizer(folder: Path) -> None:
+    """A CLIP tokenizer's files: byte-level BPE without merges, every byte a token; nothing downloaded."""
+    chars = list(_bytes_to_unicode().values())
+    vocab = {}
+    for token in chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]:
+        vocab[token] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                    "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True,
+                    "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                    "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}), encoding="utf-8")
+
+
+def tiny_clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_clip_tokenizer(Path(tmp))
+        return CLIPTokenizer.from_pretrained(tmp)

@@ -1,0 +1,124 @@
+"""Everything between a checked recipe and the first training step: the accelerator, the model
+loaded and placed, class images made, the method's adapters attached."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import FinetuneError
+from .caches import fork_rng
+from .distributed import on_main
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_family(model_cfg):
+    """The family and the source of the base model described by a recipe's `model` section."""
+    from ..families import detect_family, get_family
+    from ..families.base import resolve_source
+
+    source = resolve_source(model_cfg.base, model_cfg.allow_pickle)
+    if model_cfg.family != "auto":
+        return get_family(model_cfg.family), source
+    index = source.model_index()
+    if index is None:
+        return get_family("sd1"), source  # single files and hub ids: SD1.x/2.x unless told otherwise
+    return detect_family(index), source
+
+
+def make_accelerator(training):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import GradientAccumulationPlugin, set_seed
+
+    from .distributed import launched_processes, process_state
+
+    if launched_processes() == 1:
+        # accelerate keeps process-wide state; a second run in one process (notebooks, benchmarks)
+        # may ask for another precision. Several processes keep theirs: it holds the process group.
+        AcceleratorState._reset_state(reset_partial_state=True)
+    state = process_state()
+    # sync_with_dataloader: an accumulation window closes at the end of each epoch.
+    plugin = GradientAccumulationPlugin(num_steps=training.gradient_accumulation_steps, sync_with_dataloader=True)
+    accelerator = Accelerator(mixed_precision=training.mixed_precision, gradient_accumulation_plugin=plugin,
+                              cpu=state.device.type == "cpu" and state.num_processes > 1)
+    set_seed(training.seed)
+    return accelerator
+
+
+def load_components(family, source, model_cfg, training, device):
+    """The model in the dtypes it trains in, on `device`."""
+    c = family.load(source, model_cfg)
+    weight_dtype = WEIGHT_DTYPES[training.mixed_precision]
+    # The VAE stays fp32: SD VAEs overflow in fp16 (NaN latents, black images).
+    c.vae.to(device, dtype=torch.float32)
+    if getattr(c.denoiser, "is_quantized", False):  # bitsandbytes 8-bit/NF4 weights keep their own dtype
+        c.denoiser.to(device)
+    else:
+        c.denoiser.to(device, dtype=weight_dtype)
+    for te in c.text_encoders.values():
+        te.to(device, dtype=weight_dtype)
+    return c
+
+
+def class_images(recipe, c, accelerator, output_hooks, log, progress) -> list[Path]:
+    """Prior preservation's class images, made once by the main process with the untouched base model,
+    before any adapter is attached; the other processes wait for the list."""
+    from ..data.prior import ensure_class_images
+
+    pp = recipe.prior_preservation
+    if not pp.enabled:
+        return []
+
+    def make() -> list[Path]:
+        # Apart from the training RNG: a run that generates its class images and one that finds
+        # them (a second run, a resume) then train alike.
+        with accelerator.autocast(), fork_rng():
+            return ensure_class_images(c.pipeline, pp, recipe.data.resolution, log, progress,
+                                       screen=output_hooks.screening())
+
+    files = on_main(accelerator, make)
+    if not files:
+        raise FinetuneError(f"prior_preservation.class_data_dir: no usable class images in {pp.class_data_dir}")
+    log(f"prior preservation: {len(files)} class images, prior loss weight {pp.prior_loss_weight}")
+    return files
+
+
+def attach_method(recipe, family, c, log):
+    """The method's adapters attached and its parameter groups, trained in fp32."""
+    from diffusers.training_utils import cast_training_params
+
+    from ..methods import get_method
+
+    tr = recipe.training
+    method = get_method(recipe.method, family, tr)
+    groups = method.setup(c)
+    if WEIGHT_DTYPES[tr.mixed_precision] != torch.float32:
+        cast_training_params(method.trainable_modules(c), dtype=torch.float32)
+    apply_memory_options(c, method, tr)
+    log(f"method {recipe.method.type}: {method.trainable_parameter_count(groups):,} trainable parameters")
+    return method, groups
+
+
+def apply_memory_options(c, method, training) -> None:
+    if training.gradient_checkpointing:
+        # The denoiser always: gradients flow through it even when only embeddings train.
+        c.denoiser.enable_gradient_checkpointing()
+        trained = method.trainable_modules(c)
+        for te in c.text_encoders.values():
+            if any(te is m for m in trained) and hasattr(te, "gradient_checkpointing_enable"):
+                te.gradient_checkpointing_enable()
+
+
+def decide_caching(recipe, dataset, method) -> tuple[bool, bool]:
+    data = recipe.data
+    latents = dataset.deterministic if data.cache_latents == "auto" else bool(data.cache_latents)
+    if latents and not dataset.deterministic:
+        raise FinetuneError("data.cache_latents: cannot cache latents with random crops or flips; "
+                            "set data.crop=center and data.random_flip=false, or cache_latents=false")
+    text = not method.trains_text_encoder if data.cache_text_embeddings == "auto" else bool(data.cache_text_embeddings)
+    if text and method.trains_text_encoder:
+        raise FinetuneError("data.cache_text_embeddings: cannot cache while the text encoder trains; set it to false or auto")
+    return latents, text
