@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from . import __version__
-from .errors import FinetuneError
+from .errors import FinetuneError, ReportedElsewhere
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Personalize text-to-image diffusion models from a folder of images and a YAML recipe.")
@@ -55,6 +55,8 @@ def _guard(models: bool = False):
     except FinetuneError as e:
         if _state["debug"]:
             raise
+        if isinstance(e, ReportedElsewhere):
+            raise typer.Exit(1)
         for line in str(e).splitlines() or [type(e).__name__]:
             typer.secho(f"error: {line}", fg="red", err=True)
         raise typer.Exit(1)

@@ -7,6 +7,11 @@ class FinetuneError(Exception):
     """A problem the user can fix: bad recipe, missing file, unusable data."""
 
 
+class ReportedElsewhere(FinetuneError):
+    """An error the main process met and reports; the other processes of a run stop with it quietly,
+    so that it is printed once, not once per process."""
+
+
 class RecipeError(FinetuneError):
     """One or more problems in a recipe; `problems` holds one line each."""
 

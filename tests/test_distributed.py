@@ -198,3 +198,16 @@ def test_sigkill_and_sigterm_then_resume_equal_an_uninterrupted_run(tmp_path, da
     assert _losses(run) == pytest.approx(_losses(whole[0]), rel=1e-6)
     assert [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()] == \
         list(range(1, STEPS + 1))
+
+
+def test_an_error_on_the_main_process_is_one_line_once(tmp_path, data, whole):
+    """The run folder is taken: the main process refuses before any model loads, the other stops
+    quietly, and the launcher adds nothing of its own."""
+    recipe = _recipe(tmp_path, data, **BASE)
+    recipe["output"].update(dir=str(whole[0].parent), run_name="whole")
+    proc = _launch(recipe, tmp_path)
+    text, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 1
+    assert [line for line in text.splitlines() if line.strip() and not line.startswith("data: ")] == [
+        f"error: output.run_name: {whole[0]} already exists and is not empty; choose another run name "
+        "(e.g. output.run_name=whole-2) or remove that folder"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Callable, TypeVar
 
-from ..errors import FinetuneError
+from ..errors import FinetuneError, ReportedElsewhere
 
 T = TypeVar("T")
 COLLECTIVE_TIMEOUT_MINUTES = 120
@@ -39,25 +39,25 @@ def process_state():
 
 
 def on_main(state, job: Callable[[], T]) -> T:
-    """`job()` on the main process; every process returns its result, or raises its FinetuneError."""
+    """`job()` on the main process; every process returns its result, or raises its error (the
+    others quietly: the main process reports it)."""
     if state.num_processes == 1:
         return job()
     from accelerate.utils import broadcast_object_list
 
-    box = [None]
+    box, failure = [None], None
     if state.is_main_process:
         try:
             box = [("ok", job())]
-        except FinetuneError as e:
-            box = [("error", str(e))]
-        except BaseException as e:
-            box = [("error", f"{type(e).__name__}: {e} (on the main process)")]
-            broadcast_object_list(box)
-            raise
+        except BaseException as e:  # the others must hear of it, or they wait for ever
+            failure = e
+            box = [("error", str(e) if isinstance(e, FinetuneError) else f"{type(e).__name__}: {e}")]
     broadcast_object_list(box)
+    if failure is not None:
+        raise failure
     kind, value = box[0]
     if kind == "error":
-        raise FinetuneError(value)
+        raise ReportedElsewhere(value)
     return value
 
 

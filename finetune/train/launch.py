@@ -4,6 +4,8 @@ machine without GPUs, N CPU processes over gloo."""
 
 from __future__ import annotations
 
+import logging
+import signal
 import socket
 
 from ..errors import FinetuneError
@@ -32,6 +34,8 @@ def launch(processes: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     check_processes(processes)
+    # The workers print their own errors; torch's agent would add a warning or two per process.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     args = launch_command_parser().parse_args([
         "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
         "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -41,6 +45,24 @@ def launch(processes: int, argv: list[str]) -> int:
     except SignalException as e:
         return 128 + int(e.sigval)
     except ChildFailedError as e:
-        codes = [f.exitcode for f in e.failures.values()]
-        return next((c for c in codes if c in (130, 143)), max(codes, default=1) or 1)
+        return _exit_status(e.failures, processes)
     return 0
+
+
+def _exit_status(failures: dict, processes: int) -> int:
+    """130/143 after a stop signal, 1 after an error the process printed itself; a process that died
+    some other way (killed, crashed) is named in one line."""
+    codes = {rank: f.exitcode for rank, f in failures.items()}
+    for rank, code in codes.items():
+        if code not in (1, 130, 143):
+            how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
+            raise FinetuneError(f"training process {rank} of {processes} died ({how}); the others were stopped. "
+                                "Checkpoints already written can be resumed (--resume)")
+    return next((c for c in codes.values() if c in (130, 143)), 1)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
