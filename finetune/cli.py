@@ -189,6 +189,11 @@ def generate(
     hook: List[str] = typer.Option([], "--hook", help="Output hook as YAML, e.g. \"{type: prompt_filter, block: [gore]}\" "
                                                        "(repeatable; replaces the defaults)."),
     no_hooks: bool = typer.Option(False, "--no-hooks", help="Turn every output hook off (no provenance, no watermark)."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="[auto|cuda|cuda:N|mps|cpu]",
+                                         help="Where to generate (default auto: CUDA, else Apple MPS, else the CPU)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="[auto|fp16|bf16|fp32]",
+                                        help="Precision (default auto: fp16 on a GPU, bf16 for FLUX, fp32 on the CPU; "
+                                             "the VAE decodes in fp32 where it overflows in fp16)."),
 ):
     """Generate images with a base model and optional LoRA adapters; every image passes the output hooks.
     Exit 0: images written; 3: the output hooks refused or rejected every image, so none was written."""
@@ -198,7 +203,7 @@ def generate(
         paths = run_generate(prompts=prompt, base=base, loras=lora, n=n, seed=seed, steps=steps, guidance=guidance,
                              negative=negative, width=width, height=height, out=out, family=family,
                              hooks=_hook_options(hook, no_hooks), log=typer.echo, prompt_file=prompts,
-                             make_grid=make_grid)
+                             make_grid=make_grid, device=device, dtype=dtype)
         for p in paths:
             typer.echo(str(p))
         if not paths:  # not an error in the program, but nothing to show for the run: scripts must see it

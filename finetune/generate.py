@@ -54,15 +54,21 @@ def _first_seeds(rows, n: int, seed: int) -> list[int]:
     return firsts
 
 
-def load_pipeline(base: str, family: str = "auto", loras: list[str] = ()):
+def load_pipeline(base: str, family: str = "auto", loras: list[str] = (), device: str | None = None,
+                  dtype: str | None = None):
+    """(pipeline, family, placement): the base model with its LoRAs, on the device and in the dtype
+    `devices.choose` picks (`device`/`dtype`: the command line's --device/--dtype, None: choose)."""
+    from .devices import choose, place_pipeline
     from .recipe.schema import ModelConfig
     from .train.setup import resolve_family
 
     specs = [_lora_spec(spec) for spec in loras]  # a missing file or a nan weight fails before the model loads
+    choose(device, dtype)  # a device that is not here fails before the model loads too
     model_cfg = ModelConfig(base=base, family=family)
     fam, source = resolve_family(model_cfg)
-    c = fam.load(source, model_cfg)
-    pipe = c.pipeline
+    placement = choose(device, dtype, family=fam)  # the family's half precision (FLUX: bf16)
+    c = fam.load(source, model_cfg, **_load_options(fam, source, placement))
+    pipe = place_pipeline(c.pipeline, placement)  # before the LoRAs, which then load where the model is
     names, weights = [], []
     for i, (path, weight) in enumerate(specs):
         name = f"lora{i}"
@@ -71,7 +77,23 @@ def load_pipeline(base: str, family: str = "auto", loras: list[str] = ()):
         weights.append(weight)
     if names:
         pipe.set_adapters(names, adapter_weights=weights)
-    return pipe, fam
+    return pipe, fam, placement
+
+
+def _load_options(fam, source, placement) -> dict:
+    """What `fam.load` takes to read each component straight into its dtype and onto the device (the
+    VAE in fp32 unless its config says fp16 is safe); {} for a family whose `load` takes no dtype, which
+    `place_pipeline` then casts and moves after loading."""
+    import inspect
+
+    from .devices import torch_dtype, vae_dtype
+    from .families.base import model_file, read_json
+
+    if "dtype" not in inspect.signature(fam.load).parameters:
+        return {}
+    vae_config = read_json(model_file(source, "vae/config.json"))  # None: not at hand (a single file)
+    return dict(dtype=torch_dtype(placement.dtype), device=placement.torch_device,
+                vae_dtype=torch_dtype(vae_dtype(placement.dtype, vae_config)))
 
 
 def _load_lora(pipe, path: Path, name: str, base: str) -> None:
@@ -120,7 +142,10 @@ def adapter_records(loras) -> list[dict]:
 
 def generate(prompts, base, loras=(), n=1, seed=0, steps=25, guidance=7.5, negative=None, width=None,
              height=None, out=Path("outputs/generated"), family="auto", hooks: list[dict] | None = None,
-             log=print, prompt_file=None, make_grid: bool = False) -> list[Path]:
+             log=print, prompt_file=None, make_grid: bool = False, device: str | None = None,
+             dtype: str | None = None) -> list[Path]:
+    """Images into `out`. `device`/`dtype` ("cuda", "cuda:1", "mps", "cpu"; "fp16", "bf16", "fp32"; None
+    or "auto": the best device present, in the precision it runs well, as `devices.choose` says)."""
     from dataclasses import replace
 
     from PIL import Image
@@ -130,15 +155,23 @@ def generate(prompts, base, loras=(), n=1, seed=0, steps=25, guidance=7.5, negat
     from .prompts import PromptRow, read_prompt_file
     from .train.sampling import Destination, Sampling, emit_images, grid
 
+    from .devices import choose, describe
+
     out = Path(out)
     _check_options(n, seed, steps, guidance, width, height, out)
+    choose(device, dtype)  # --device cuda on a machine without CUDA: one line, before anything loads
     rows = [PromptRow(p) for p in prompts] + (read_prompt_file(prompt_file) if prompt_file else [])
     if not rows:
         raise FinetuneError("give at least one --prompt or a --prompts file")
     seeds = _first_seeds(rows, n, seed)
     output_hooks = build_pipeline(hooks, log)  # before the model loads: a bad hook fails fast
-    pipe, _ = load_pipeline(base, family, loras)
+    pipe, _, placement = load_pipeline(base, family, loras, device, dtype)
     pipe.set_progress_bar_config(disable=True)
+    for hook in output_hooks.hooks:  # image classifiers (the safety checker) run where the images are made
+        if callable(getattr(hook, "place", None)):
+            hook.place(placement.torch_device)
+    if placement.device != "cpu":  # the CPU in fp32 is what generate always did: nothing new to say
+        log(describe(placement, pipe))
     provenance = Provenance(prompt="", base_model=base, adapters=adapter_records(loras), kind="generate")
     written, k = [], next_index(out)  # images already in `out` keep their names; new ones count on
     for row, first in zip(rows, seeds):

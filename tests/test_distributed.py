@@ -211,3 +211,18 @@ def test_an_error_on_the_main_process_is_one_line_once(tmp_path, data, whole):
     assert [line for line in text.splitlines() if line.strip() and not line.startswith("data: ")] == [
         f"error: output.run_name: {whole[0]} already exists and is not empty; choose another run name "
         "(e.g. output.run_name=whole-2) or remove that folder"]
+
+
+def test_the_launcher_names_a_process_that_died_not_those_it_stopped_after():
+    from types import SimpleNamespace as Failure
+
+    from finetune.errors import FinetuneError
+    from finetune.train.launch import _exit_status
+
+    term, kill = -signal.SIGTERM, -signal.SIGKILL
+    # A process printed its error and exited 1; the launcher then stopped the other with SIGTERM.
+    assert _exit_status({0: Failure(exitcode=1, timestamp=2), 1: Failure(exitcode=term, timestamp=3)}, 2) == 1
+    # A stop signal: every process saved and exited 143 (or was stopped on the way).
+    assert _exit_status({0: Failure(exitcode=143, timestamp=2), 1: Failure(exitcode=term, timestamp=3)}, 2) == 143
+    with pytest.raises(FinetuneError, match=r"training process 1 of 2 died \(killed by SIGKILL\)"):
+        _exit_status({0: Failure(exitcode=term, timestamp=5), 1: Failure(exitcode=kill, timestamp=3)}, 2)

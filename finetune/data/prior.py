@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
+from ..devices import is_black as _is_black
+from ..devices import run_pipeline
 from ..errors import FinetuneError
 from ..files import write_atomically
 from .images import IMAGE_EXTENSIONS
@@ -28,10 +28,6 @@ def class_image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
-
-
-def _is_black(image) -> bool:
-    return int(np.asarray(image.convert("L")).max()) < 8
 
 
 def _screen_reason(screen, image, cfg, seed: int) -> str | None:
@@ -108,12 +104,19 @@ def ensure_class_images(pipe, cfg, resolution: int, log: Callable[[str], None], 
 
 
 def _generate(pipe, cfg, resolution: int, seeds: list[int]):
+    """Class images for `seeds`, denoised under whatever autocast the caller set up and decoded outside
+    it with the VAE in fp32 (`devices.run_pipeline`): fp16 autocast would overflow the SDXL VAE into
+    black images, none of which could be kept."""
+    import contextlib
+
     import torch
 
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     neg = [cfg.negative_prompt] * len(seeds) if cfg.negative_prompt else None
-    return pipe([cfg.class_prompt] * len(seeds), negative_prompt=neg, num_inference_steps=cfg.num_inference_steps,
-                guidance_scale=cfg.guidance_scale, generator=gens, width=resolution, height=resolution).images
+    # nullcontext: the denoising keeps the caller's autocast (training's); the decode leaves it.
+    return run_pipeline(pipe, contextlib.nullcontext, prompt=[cfg.class_prompt] * len(seeds), negative_prompt=neg,
+                        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                        generator=gens, width=resolution, height=resolution)
 
 
 def class_examples(files: list[Path], class_prompt: str) -> list[Example]:

@@ -6,10 +6,21 @@ a tiny shape-faithful builder for tests (`finetune/tiny_models/<family>.py`, lis
 Recognising and loading
 - `name`; `pipeline_class` (sampling, and diffusers' LoRA / textual-inversion loaders) and
   `pipeline_class_names` so `matches(model_index)` recognises a diffusers folder (`model.family: auto`).
-- `load(source, cfg) -> Components`: the pipeline and its parts — `denoiser` (UNet or transformer),
-  `vae`, `text_encoders` / `tokenizers` (dicts keyed by the pipeline's attribute names:
-  "text_encoder", "text_encoder_2"), a training `noise_scheduler`. Honour `cfg.allow_pickle`
-  (safetensors only unless set) and `cfg.vae`; raise FinetuneError with one line on failure.
+- `load(source, cfg, dtype=None, device=None, vae_dtype=None) -> Components`: the pipeline and its
+  parts — `denoiser` (UNet or transformer), `vae`, `text_encoders` / `tokenizers` (dicts keyed by the
+  pipeline's attribute names: "text_encoder", "text_encoder_2"), a training `noise_scheduler`.
+  Each component is read from disk straight into the dtype it will run in — `dtype` for the
+  denoiser and the text encoders, `vae_dtype` for the VAE (None: float32; the training loop keeps
+  it there, SD VAEs overflow in fp16) — by the loaders' `dtype`/`torch_dtype` (`dtype_kwargs`,
+  `component_dtypes`), never as a float32 copy cast afterwards: the memory allocated while loading
+  stays at the weights' bytes in that dtype (`benchmarks/results/load_memory.md`). A quantized
+  denoiser keeps the dtype its quantization gives it; modules a library keeps in fp32 on purpose
+  (T5's `wo` under fp16) stay so. `device`: the components moved there one after the other once
+  loaded (`place`); None leaves them on the CPU. `dtype=None` and `vae_dtype=None`: the loaders'
+  defaults, as `load(source, cfg)` always gave (diffusers models in float32; transformers 5 text
+  encoders in their files' dtype). Honour `cfg.allow_pickle` (safetensors only unless set) and
+  `cfg.vae` (loaded instead of the base's VAE, which is then never read); raise FinetuneError with
+  one line on failure.
 
 The training objective (the loop computes MSE(prediction, target) x `loss_weights`)
 - `encode_images(c, pixels) -> latents` (pixels in [-1, 1]; the VAE is kept fp32 by the loop).
@@ -152,7 +163,8 @@ class Family:
     def matches(cls, model_index: dict) -> bool:
         return model_index.get("_class_name") in cls.pipeline_class_names
 
-    def load(self, source: ModelSource, cfg) -> Components:
+    def load(self, source: ModelSource, cfg, dtype: torch.dtype | None = None,
+             device: torch.device | str | None = None, vae_dtype: torch.dtype | None = None) -> Components:
         raise NotImplementedError
 
     def encode_images(self, c: Components, pixels: torch.Tensor) -> torch.Tensor:
@@ -196,6 +208,42 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def dtype_kwargs(dtype: torch.dtype | None) -> dict:
+    """The keyword argument that makes diffusers' `from_pretrained` / `from_single_file` read the
+    weights straight into `dtype` (each tensor converted as it is read: no float32 copy of the model
+    exists); {} for None, the loaders' default (float32). `dtype` may be a dict per component for a
+    pipeline's `from_pretrained` ({"default": ..., "vae": ...}). Releases that know `_resolve_dtype`
+    name it `dtype` and warn on `torch_dtype` (diffusers PR 14205); older ones know `torch_dtype` only."""
+    if dtype is None:
+        return {}
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
+def component_dtypes(dtype: torch.dtype | None, vae_dtype: torch.dtype | None) -> torch.dtype | dict | None:
+    """What a pipeline's `from_pretrained` takes to load the VAE in `vae_dtype` and every other
+    component in `dtype` (either None: float32); None when both are None (the loaders' default)."""
+    import torch
+
+    if dtype is None and vae_dtype is None:
+        return None
+    dtype, vae_dtype = dtype or torch.float32, vae_dtype or torch.float32
+    return dtype if vae_dtype == dtype else {"default": dtype, "vae": vae_dtype}
+
+
+def place(c: Components, device: torch.device | str | None) -> Components:
+    """Each of the components' modules moved to `device`, one after the other, in its own dtype
+    (a quantized one too: bitsandbytes weights move, they do not cast); nothing for None."""
+    if device is None:
+        return c
+    for module in (c.denoiser, *c.text_encoders.values(), c.vae):
+        module.to(device)
+    return c
+
+
 def vae_problem(vae: str, offline_cache: bool = True) -> str | None:
     """What is wrong with `model.vae` (a diffusers VAE folder or hub id), found without loading it;
     worded as the families' loaders word a VAE that fails to load ("cannot load ...")."""
@@ -217,14 +265,16 @@ def vae_problem(vae: str, offline_cache: bool = True) -> str | None:
     return None
 
 
-def load_vae(cfg):
+def load_vae(cfg, dtype: torch.dtype | None = None):
     """The VAE `cfg.vae` names (a diffusers VAE folder, a model folder with vae/, or a hub id),
-    safetensors only unless `cfg.allow_pickle`; one FinetuneError line when it does not load."""
+    safetensors only unless `cfg.allow_pickle`, read in `dtype` (None: float32); one FinetuneError
+    line when it does not load."""
     from diffusers import AutoencoderKL
 
     try:
         sub = "vae" if (Path(cfg.vae).expanduser() / "vae").is_dir() else None
-        return AutoencoderKL.from_pretrained(cfg.vae, subfolder=sub, use_safetensors=None if cfg.allow_pickle else True)
+        return AutoencoderKL.from_pretrained(cfg.vae, subfolder=sub, use_safetensors=None if cfg.allow_pickle else True,
+                                             **dtype_kwargs(dtype))
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FinetuneError(f"model.vae: cannot load {cfg.vae}: {first}") from e

@@ -27,7 +27,7 @@ from pydantic import Field
 from ..config_base import Section
 from ..errors import FinetuneError
 from . import register_family
-from .base import Components, Family, ModelSource, load_vae, module_device
+from .base import Components, Family, ModelSource, component_dtypes, dtype_kwargs, load_vae, module_device, place
 
 # torch is imported inside the functions that run it: validating a recipe imports every plug-in
 # module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
@@ -200,7 +200,7 @@ class FluxFamily(Family):
 
         return FluxPipeline
 
-    def load(self, source: ModelSource, cfg) -> Components:
+    def load(self, source: ModelSource, cfg, dtype=None, device=None, vae_dtype=None) -> Components:
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
         opts = flux_options(cfg)
@@ -208,26 +208,29 @@ class FluxFamily(Family):
             # FLUX single files (flux1-dev.safetensors) hold the transformer only.
             raise FinetuneError(f"model.config: {source.label} holds only FLUX's transformer; set model.config "
                                 "to a FLUX diffusers folder or hub id (black-forest-labs/FLUX.1-dev) for the rest")
+        dtypes = component_dtypes(dtype, vae_dtype)
         components = {}
         if getattr(cfg, "vae", None):
-            components["vae"] = self._load_vae(cfg)
+            components["vae"] = self._load_vae(cfg, vae_dtype)
         try:
             if opts.quantize != "none":
                 components["transformer"] = self._quantized_transformer(source, cfg, opts.quantize)
             elif source.kind == "single_file":
                 components["transformer"] = FluxTransformer2DModel.from_single_file(
-                    source.location, config=cfg.config, subfolder="transformer")
+                    source.location, config=cfg.config, subfolder="transformer", **dtype_kwargs(dtype))
             if source.kind == "single_file":
-                pipe = self.pipeline_class.from_pretrained(cfg.config, revision=cfg.revision, **components)
+                pipe = self.pipeline_class.from_pretrained(cfg.config, revision=cfg.revision, low_cpu_mem_usage=True,
+                                                           **dtype_kwargs(dtypes), **components)
             else:
                 pipe = self.pipeline_class.from_pretrained(
                     source.location, revision=cfg.revision, variant=cfg.variant,
-                    use_safetensors=None if cfg.allow_pickle else True, **components)
+                    use_safetensors=None if cfg.allow_pickle else True, low_cpu_mem_usage=True,
+                    **dtype_kwargs(dtypes), **components)
         except (OSError, ValueError, EnvironmentError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FinetuneError(f"model.base: cannot load {source.label} as FLUX.1: {first}") from e
         transformer = pipe.transformer
-        return Components(
+        return place(Components(
             pipeline=pipe, denoiser=transformer, vae=pipe.vae,
             text_encoders={"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2},
             tokenizers={"text_encoder": pipe.tokenizer, "text_encoder_2": pipe.tokenizer_2},
@@ -235,10 +238,10 @@ class FluxFamily(Family):
             # Read here, not from the denoiser later: accelerate may wrap it (DDP has no .config).
             extras={"flux": opts, "guidance_embeds": bool(transformer.config.guidance_embeds),
                     "vae_scale_factor": pipe.vae_scale_factor},
-        )
+        ), device)
 
-    def _load_vae(self, cfg):
-        vae = load_vae(cfg)
+    def _load_vae(self, cfg, dtype=None):
+        vae = load_vae(cfg, dtype)
         if vae.config.latent_channels != 16:
             raise FinetuneError(f"model.vae: {cfg.vae} has {vae.config.latent_channels} latent channels; FLUX.1 needs "
                                 "a 16-channel VAE (its own, or one trained for it)")

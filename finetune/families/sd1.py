@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 from ..errors import FinetuneError
 from . import _ddpm, register_family
-from .base import Components, Family, ModelSource, load_vae, module_device
+from .base import (Components, Family, ModelSource, component_dtypes, dtype_kwargs, load_vae, module_device,
+                   place)
 
 # torch is imported inside the functions that run it: validating a recipe imports every plug-in
 # module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
@@ -31,36 +32,52 @@ class SD1Family(Family):
 
         return StableDiffusionPipeline
 
-    def load(self, source: ModelSource, cfg) -> Components:
+    def load(self, source: ModelSource, cfg, dtype=None, device=None, vae_dtype=None) -> Components:
         from diffusers import DDPMScheduler
 
         kwargs = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        if cfg.vae:  # instead of the base's VAE, which is then never read
+            kwargs["vae"] = load_vae(cfg, vae_dtype)
         try:
             if source.kind == "single_file":
-                pipe = self.pipeline_class.from_single_file(source.location, config=cfg.config, **kwargs)
+                dtypes = component_dtypes(dtype, vae_dtype)
+                if isinstance(dtypes, dict):  # from_single_file takes one dtype: the VAE is read on its own
+                    if "vae" not in kwargs:
+                        kwargs["vae"] = self._single_file_vae(source, cfg, dtypes["vae"])
+                    dtypes = dtypes["default"]
+                pipe = self.pipeline_class.from_single_file(source.location, config=cfg.config,
+                                                            **dtype_kwargs(dtypes), **kwargs)
             else:
                 # Safetensors only, unless the user allows pickled .bin weights (then weights_only loading).
                 pipe = self.pipeline_class.from_pretrained(
                     source.location, revision=cfg.revision, variant=cfg.variant,
-                    use_safetensors=None if cfg.allow_pickle else True, **kwargs)
+                    use_safetensors=None if cfg.allow_pickle else True, low_cpu_mem_usage=True,
+                    **dtype_kwargs(component_dtypes(dtype, vae_dtype)), **kwargs)
         except (OSError, ValueError, EnvironmentError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             hint = ("; if it only has pickled .bin weights, convert them to .safetensors or set "
                     "model.allow_pickle=true if you trust its source") if not cfg.allow_pickle else ""
             raise FinetuneError(f"model.base: cannot load {source.label}: {first}{hint}") from e
-        if cfg.vae:
-            pipe.vae = load_vae(cfg)
         sched_config = dict(pipe.scheduler.config)
         if cfg.prediction_type:
             sched_config["prediction_type"] = cfg.prediction_type
             pipe.scheduler = pipe.scheduler.__class__.from_config(sched_config)
         noise_scheduler = DDPMScheduler.from_config(sched_config)
-        return Components(
+        return place(Components(
             pipeline=pipe, denoiser=pipe.unet, vae=pipe.vae,
             text_encoders={n: getattr(pipe, n) for n in self.text_encoder_names},
             tokenizers={n: getattr(pipe, n.replace("text_encoder", "tokenizer")) for n in self.text_encoder_names},
             noise_scheduler=noise_scheduler, source=source,
-        )
+        ), device)
+
+    @staticmethod
+    def _single_file_vae(source: ModelSource, cfg, vae_dtype):
+        """The VAE of a single-file checkpoint read in `vae_dtype`, as `from_single_file` reads it for
+        the pipeline (the same config, the same conversion)."""
+        from diffusers import AutoencoderKL
+
+        where = dict(config=cfg.config, subfolder="vae") if cfg.config else {}
+        return AutoencoderKL.from_single_file(source.location, **where, **dtype_kwargs(vae_dtype))
 
     def encode_images(self, c: Components, pixels: torch.Tensor) -> torch.Tensor:
         vae = c.vae

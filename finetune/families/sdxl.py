@@ -38,8 +38,8 @@ class SDXLFamily(SD1Family):
 
         return StableDiffusionXLPipeline
 
-    def load(self, source, cfg) -> Components:
-        c = super().load(source, cfg)
+    def load(self, source, cfg, dtype=None, device=None, vae_dtype=None) -> Components:
+        c = super().load(source, cfg, dtype=dtype, device=device, vae_dtype=vae_dtype)
         # The original-layout names of the UNet's modules, for kohya LoRA keys.
         from ..export.single_file import unet_module_map
 

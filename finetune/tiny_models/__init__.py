@@ -29,6 +29,7 @@ def _builder(module: str, name: str):
 BUILTIN_MODELS = {TINY_SD15: _builder(".sd15", "build_tiny_sd15"),
                   "sd15-full-random": _builder(".sd15", "build_sd15_full_random"),
                   "tiny-sdxl": _builder(".sdxl", "build_tiny_sdxl"),
+                  "sdxl-full-random": _builder(".sdxl", "build_sdxl_full_random"),
                   "tiny-flux": _builder(".flux", "build_tiny_flux")}
 
 

@@ -50,15 +50,21 @@ def launch(processes: int, argv: list[str]) -> int:
 
 
 def _exit_status(failures: dict, processes: int) -> int:
-    """130/143 after a stop signal, 1 after an error the process printed itself; a process that died
-    some other way (killed, crashed) is named in one line."""
+    """1 after an error a process printed itself, 130/143 after a stop signal; a process that died
+    some other way (killed, crashed) is named in one line. When one process fails the launcher
+    stops the others with SIGTERM: those are not what went wrong."""
     codes = {rank: f.exitcode for rank, f in failures.items()}
-    for rank, code in codes.items():
-        if code not in (1, 130, 143):
-            how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
-            raise FinetuneError(f"training process {rank} of {processes} died ({how}); the others were stopped. "
-                                "Checkpoints already written can be resumed (--resume)")
-    return next((c for c in codes.values() if c in (130, 143)), 1)
+    if 1 in codes.values():
+        return 1
+    stopped = [code for code in codes.values() if code in (130, 143)]
+    deaths = {rank: code for rank, code in codes.items() if code not in (130, 143, -signal.SIGTERM)}
+    if not deaths:
+        return stopped[0] if stopped else 128 + signal.SIGTERM
+    rank = min(deaths, key=lambda r: failures[r].timestamp)
+    code = deaths[rank]
+    how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
+    raise FinetuneError(f"training process {rank} of {processes} died ({how}); the others were stopped. "
+                        "Checkpoints already written can be resumed (--resume)")
 
 
 def _signal_name(number: int) -> str:

@@ -10,7 +10,8 @@ from typing import Callable
 
 import torch
 
-from ..hooks.base import OutputImage, Provenance
+from ..devices import is_black, run_pipeline
+from ..hooks.base import OutputImage, Provenance, Verdict
 from ..hooks.pipeline import OutputPipeline, next_index, write_outputs
 from ..prompts import excerpt
 
@@ -54,7 +55,7 @@ class Destination:
 @torch.no_grad()
 def emit_images(pipe, prompts: list[str], how: Sampling, where: Destination) -> list[Path]:
     """Generate `how.n` images per prompt and write those the hooks let through; one log line per
-    refused prompt and per rejected image.
+    refused prompt, per rejected image and per image that came out black.
 
     Each image has its own generator, so any single image is reproduced by asking for it alone with
     its seed; its provenance says so. A second call into the same folder adds images and never
@@ -78,26 +79,57 @@ def emit_images(pipe, prompts: list[str], how: Sampling, where: Destination) -> 
             written += write_outputs([], folder, [(name, prov, refusals) for name, prov in zip(names, provs)])
             continue
         for i in range(0, n, BATCH):
-            items = _generate(pipe, provs[i:i + BATCH], hooks, how.autocast)
-            for name, item in zip(names[i:i + BATCH], items):
+            items, black = _generate(pipe, provs[i:i + BATCH], hooks, how.autocast)
+            for name, item, dark in zip(names[i:i + BATCH], items, black):
+                if dark:
+                    _report_black(name, item, log)
                 if item.rejected and log:
                     log(f"rejected: {name.name} ({item.rejected})")
             written += write_outputs(list(zip(names[i:i + BATCH], items)), folder)
     return written
 
 
-def _generate(pipe, provs: list[Provenance], hooks: OutputPipeline, autocast) -> list[OutputImage]:
-    """One image per provenance (all of one prompt), each passed through the hooks."""
+def _report_black(name: Path, item: OutputImage, log) -> None:
+    """A black image is kept (hooks decide what is written) but never silently: a log line naming it,
+    and a verdict in its manifest row."""
+    import warnings
+
+    why = "every pixel is black as generated: a numeric overflow (NaN) in the model or its VAE"
+    why += ("; try --dtype fp32" if item.provenance.kind == "generate" else ", or weights that have diverged")
+    item.verdicts.append(Verdict("finetune", "warning", f"black image: {why}"))
+    line = f"warning: black image: {name.name}: {why}"
+    if log:
+        log(line)
+    else:
+        warnings.warn(line.removeprefix("warning: "), stacklevel=3)
+
+
+def _generate(pipe, provs: list[Provenance], hooks: OutputPipeline, autocast) -> tuple[list[OutputImage], list[bool]]:
+    """One image per provenance (all of one prompt), each passed through the hooks; and which of them
+    came out of the model black. The denoising runs under `autocast`, the VAE decode outside it in
+    fp32 (`devices.run_pipeline`): fp16 autocast would otherwise overflow the SDXL VAE into black."""
     p = provs[0]
-    device = pipe.unet.device if hasattr(pipe, "unet") else pipe.device
     generators = [torch.Generator(device="cpu").manual_seed(prov.seed) for prov in provs]
-    ctx = autocast() if autocast else torch.autocast(device.type, enabled=False)
-    with ctx:
-        images = pipe(p.prompt, negative_prompt=p.negative_prompt, num_images_per_prompt=len(provs),
-                      num_inference_steps=p.steps, guidance_scale=p.guidance, generator=generators,
-                      width=p.width, height=p.height).images
-    return [hooks.process(OutputImage(image=image, provenance=replace(prov, width=image.width, height=image.height)))
-            for prov, image in zip(provs, images)]
+    images = run_pipeline(pipe, autocast, prompt=p.prompt, negative_prompt=p.negative_prompt,
+                          num_images_per_prompt=len(provs), num_inference_steps=p.steps, guidance_scale=p.guidance,
+                          generator=generators, width=p.width, height=p.height)
+    black = [is_black(image) for image in images]
+    screen_batch(hooks, images)
+    items = [hooks.process(OutputImage(image=image, provenance=replace(prov, width=image.width, height=image.height)))
+             for prov, image in zip(provs, images)]
+    return items, black
+
+
+def screen_batch(hooks: OutputPipeline, images: list) -> None:
+    """Let the content screens at the head of the hook list (before anything that may change the image)
+    judge the whole batch in one pass: a hook with `screen_batch(images)` (the safety checker) computes
+    its verdicts at once, and its `process` then uses them for these very images."""
+    for hook in hooks.hooks:
+        if not getattr(hook, "screens_content", False):
+            break
+        batch = getattr(hook, "screen_batch", None)
+        if batch is not None:
+            batch(images)
 
 
 def grid(images: list, columns: int | None = None):

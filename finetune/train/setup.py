@@ -49,18 +49,13 @@ def make_accelerator(training):
 
 
 def load_components(family, source, model_cfg, training, device):
-    """The model in the dtypes it trains in, on `device`."""
-    c = family.load(source, model_cfg)
-    weight_dtype = WEIGHT_DTYPES[training.mixed_precision]
-    # The VAE stays fp32: SD VAEs overflow in fp16 (NaN latents, black images).
-    c.vae.to(device, dtype=torch.float32)
-    if getattr(c.denoiser, "is_quantized", False):  # bitsandbytes 8-bit/NF4 weights keep their own dtype
-        c.denoiser.to(device)
-    else:
-        c.denoiser.to(device, dtype=weight_dtype)
-    for te in c.text_encoders.values():
-        te.to(device, dtype=weight_dtype)
-    return c
+    """The model in the dtypes it trains in, on `device`: the denoiser and the text encoders in the
+    weight dtype of `training.mixed_precision` (fp32 for "no"; a quantized denoiser keeps its own),
+    the VAE in fp32 (SD VAEs overflow in fp16: NaN latents, black images). Each is read from disk
+    in that dtype, then moved to `device` (`Family.load`): no fp32 copy of a half-precision model is
+    ever made, so loading allocates about the weights' bytes in that dtype of host RAM."""
+    return family.load(source, model_cfg, dtype=WEIGHT_DTYPES[training.mixed_precision], device=device,
+                       vae_dtype=torch.float32)
 
 
 def class_images(recipe, c, accelerator, output_hooks, log, progress) -> list[Path]:
