@@ -153,6 +153,29 @@ def validate(
 
 
 @app.command()
+def plan(
+    recipe: str = typer.Argument(..., help="Recipe file or bundled recipe name."),
+    overrides: List[str] = typer.Argument(None, help="KEY=VALUE overrides."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory to fit, e.g. 12GB (GB read as GiB, as cards "
+                                                            "are sold); proposes the cheapest changes that fit."),
+    ram: Optional[str] = typer.Option(None, "--ram", help="Host RAM to fit, e.g. 32GB."),
+):
+    """Predict the peak GPU memory and host RAM of RECIPE's run on its real model, without loading weights
+    (built on the meta device from its configs). Exit 0: fits (or no --vram/--ram given); 1: fits only with
+    the proposed changes, or the host RAM is short; 2: cannot fit the GPU with any change plan knows."""
+    with _guard(models=True):
+        from .plan.report import lines
+        from .plan.run import exit_code
+        from .plan.run import plan as run_plan
+
+        result = run_plan(recipe, overrides or [], vram=vram, ram=ram)
+        for line in lines(result):
+            typer.echo(line)
+        code = exit_code(result)
+    raise typer.Exit(code)  # outside the guard: an exit code is not an error
+
+
+@app.command()
 def recipes(name: Optional[str] = typer.Argument(None, help="Show this recipe's YAML.")):
     """List the bundled recipes, or show one."""
     with _guard():
