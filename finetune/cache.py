@@ -3,15 +3,21 @@ under `$FINETUNE_CACHE` (default `~/.cache/finetune`)."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 from .files import write_text_atomically
 
 HASHES_FILE = "sha256.json"
+SAVE_EVERY_S = 2.0  # hashes learnt are written at most this often (and at exit)
 _memory: dict[str, tuple[int, int, str]] = {}
+_disks: dict[Path, dict] = {}  # cache folder -> its hashes file, as read and added to
+_unsaved: set[Path] = set()
+_last_save = 0.0
 
 
 def cache_dir() -> Path:
@@ -26,13 +32,37 @@ def _load_disk() -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _save_disk(entries: dict) -> None:
+def _save_disk(entries: dict, folder: Path) -> None:
     try:
         # Only files that still exist; a cache that cannot be written costs time, not correctness.
         live = {k: v for k, v in entries.items() if Path(k).exists()}
-        write_text_atomically(cache_dir() / HASHES_FILE, json.dumps(live))
+        write_text_atomically(folder / HASHES_FILE, json.dumps(live))
     except OSError:
         pass
+
+
+def _disk_entries() -> dict:
+    # Read once a process (per cache folder): reading it per file made hashing a dataset quadratic.
+    folder = cache_dir()
+    if folder not in _disks:
+        _disks[folder] = _load_disk()
+    return _disks[folder]
+
+
+def flush() -> None:
+    """Write the hashes learnt since the last write (also at exit)."""
+    global _last_save
+    for folder in list(_unsaved):
+        _save_disk(_disks[folder], folder)
+    _unsaved.clear()
+    _last_save = time.monotonic()
+
+
+def _remember(key: str, entry: tuple[int, int, str]) -> None:
+    _disk_entries()[key] = list(entry)
+    _unsaved.add(cache_dir())
+    if time.monotonic() - _last_save > SAVE_EVERY_S:
+        flush()
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -43,7 +73,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     key = str(path.resolve())
     hit = _memory.get(key)
     if hit is None:
-        disk = _load_disk().get(key)
+        disk = _disk_entries().get(key)
         if isinstance(disk, list) and len(disk) == 3:
             hit = _memory[key] = tuple(disk)
     if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
@@ -54,7 +84,8 @@ def file_sha256(path: str | os.PathLike) -> str:
             h.update(chunk)
     digest = h.hexdigest()
     _memory[key] = (st.st_size, st.st_mtime_ns, digest)
-    disk = _load_disk()
-    disk[key] = list(_memory[key])
-    _save_disk(disk)
+    _remember(key, _memory[key])
     return digest
+
+
+atexit.register(flush)

@@ -35,7 +35,9 @@ def _quiet_libraries(models: bool) -> None:
         typer.secho(f"warning: {first}", fg="yellow", err=True)
 
     warnings.showwarning = one_line
-    for name in ("bitsandbytes", "transformers", "diffusers", "accelerate"):
+    # torchao (installed for memory.quantize_base) is imported by diffusers whenever present, and
+    # on import names every CUDA kernel it cannot load and torch's deprecations of its enums.
+    for name in ("bitsandbytes", "transformers", "diffusers", "accelerate", "torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if not models:
         return  # the commands that read only YAML and images stay free of torch and diffusers

@@ -125,6 +125,21 @@ def half_precision(family) -> str:
     return getattr(family, "half_precision", None) or ("bf16" if name in BF16_FAMILIES else "fp16")
 
 
+def training_precision(requested: str, available: Availability | None = None, family=None) -> str:
+    """`training.mixed_precision` made concrete: "auto" is bf16 on a GPU with native bf16 (CUDA Ampere
+    or newer, MPS on macOS 14+), fp16 on an older CUDA GPU (with accelerate's loss scaling) unless the
+    family overflows in fp16 (FLUX: then no, fp32), and no on the CPU, where half precision is
+    emulated and slower; anything else is kept."""
+    if requested != "auto":
+        return requested
+    a = available if available is not None else probe()
+    if (a.cuda and a.cuda_bf16) or (a.mps and a.mps_bf16):
+        return "bf16"
+    if a.cuda and half_precision(family) == "fp16":
+        return "fp16"
+    return "no"
+
+
 def choose(device: str | None = None, dtype: str | None = None, family=None,
            available: Availability | None = None) -> Placement:
     """The device and dtype to generate on: the rule in this module's docstring, with `device` and
@@ -284,6 +299,11 @@ def decode_latents(pipe, latents, height: int | None = None, width: int | None =
     upcast = vae.dtype == torch.float16 and vae_dtype("fp16", vae) == "fp32"
     if upcast:  # as diffusers' SDXL pipeline does for a VAE that overflows in fp16 (lossless both ways)
         vae.to(dtype=torch.float32)
+    # One image at a time (diffusers' VAE slicing): an fp32 decode at 1024 px holds ~3 GiB of
+    # activations per image, the peak of a validation or class-image call otherwise.
+    slice_now = getattr(vae, "use_slicing", True) is False
+    if slice_now:
+        vae.enable_slicing()
     try:
         param = next(vae.parameters())
         with torch.no_grad():
@@ -291,6 +311,8 @@ def decode_latents(pipe, latents, height: int | None = None, width: int | None =
     finally:
         if upcast:
             vae.to(dtype=torch.float16)
+        if slice_now:
+            vae.disable_slicing()
     watermark = getattr(pipe, "watermark", None)
     if watermark is not None:
         image = watermark.apply_watermark(image)

@@ -68,3 +68,12 @@ def loss_before_and_after(family, c, data_dir, run_dir) -> tuple[float, float]:
     before = fixed_noise_loss(family, c, latents, captions)
     c.pipeline.load_lora_weights(str(run_dir))
     return before, fixed_noise_loss(family, c, latents, captions)
+
+
+def step_rows(run_dir) -> list[dict]:
+    """metrics.jsonl's rows of optimizer steps (the run's last line is its `memory` record)."""
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "step" in r]

@@ -25,7 +25,7 @@ from finetune.recipe.schema import DataConfig
 from finetune.train import train
 from finetune.train.run_dir import LOCK, claim_run_dir
 
-from .helpers import draw_subject, make_image_folder, tiny_recipe
+from .helpers import draw_subject, make_image_folder, tiny_recipe, step_rows
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SECRET = "root:x:0:0:SECRET-LINE"
@@ -74,7 +74,7 @@ def test_two_runs_with_one_name_one_wins_the_other_is_refused_before_loading(tin
     assert "loading " not in out and "Traceback" not in err  # refused before any model loaded
     assert "done: 4 steps" in won
     # The winner's run is whole: one metrics row a step, its weights, and no lock left behind.
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in step_rows(run)]
     assert steps == sorted(set(steps)) and steps[-1] == 4
     assert load_file(run / "pytorch_lora_weights.safetensors") and not (run / LOCK).exists()
 

@@ -168,9 +168,16 @@ def _call(**extra):
 @pytest.mark.parametrize("base", ["tiny_sd15", "builtin:tiny-sdxl"])
 def test_decoding_outside_autocast_is_the_pipeline_itself_on_cpu(base, request):
     pipe = _pipe(request.getfixturevalue(base) if base == "tiny_sd15" else base)
+    # Ours decodes one image at a time: diffusers' own sliced decode is the reference.
+    pipe.vae.enable_slicing()
     plain = pipe(**_call()).images
+    pipe.vae.disable_slicing()
+    calls = []
+    hook = pipe.vae.decoder.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     ours = run_pipeline(pipe, None, **_call())
+    hook.remove()
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain, ours))
+    assert calls == [1, 1] and pipe.vae.use_slicing is False  # sliced for the call only
 
     # Under (bf16) autocast the decoder still runs outside it, in fp32.
     seen = []
@@ -193,7 +200,9 @@ def test_decoding_outside_autocast_is_the_pipeline_itself_on_cpu(base, request):
 
 def test_flux_latents_are_unpacked_and_shifted_as_the_pipeline_does():
     pipe = _pipe("builtin:tiny-flux")
+    pipe.vae.enable_slicing()  # ours decodes one image at a time
     plain = pipe(**_call()).images
+    pipe.vae.disable_slicing()
     ours = run_pipeline(pipe, None, **_call())
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain, ours))
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from finetune.recipe import validate
 from finetune.train import train
 
-from .helpers import make_image_folder, tiny_recipe
+from .helpers import make_image_folder, tiny_recipe, step_rows
 
 pytestmark = pytest.mark.distributed
 
@@ -62,7 +62,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 
 
 def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in step_rows(run)]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_two_processes_train_what_one_process_trains_with_twice_the_batch(tmp_pa
     assert out.count("generating 3 class images") == 1
     assert sorted(p.name[:11] for p in (data.parent / "class").iterdir()) == [
         "class-00000", "class-00001", "class-00002"]  # each once, no temporary file left behind
-    assert all("prior_loss" in json.loads(row) for row in (two / "metrics.jsonl").read_text().splitlines())
+    assert all("prior_loss" in row for row in step_rows(two))
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
     a, b = load_file(two / "pytorch_lora_weights.safetensors"), load_file(one / "pytorch_lora_weights.safetensors")
     early = load_file(two / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors")
@@ -123,7 +123,7 @@ def test_two_processes_train_what_one_process_trains_with_twice_the_batch(tmp_pa
     assert sorted(p.name for p in two.iterdir()) == sorted(
         ["README.md", "checkpoints", "metrics.jsonl", "pytorch_lora_weights.safetensors", "recipe.yaml",
          "whole.safetensors"])
-    assert [json.loads(row)["step"] for row in (two / "metrics.jsonl").read_text().splitlines()] == \
+    assert [row["step"] for row in step_rows(two)] == \
         list(range(1, STEPS + 1))
     assert out.count(f"done: {STEPS} steps") == 1
     state = two / "checkpoints" / "step-000002" / "state"
@@ -196,7 +196,7 @@ def test_sigkill_and_sigterm_then_resume_equal_an_uninterrupted_run(tmp_path, da
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     assert _losses(run) == pytest.approx(_losses(whole[0]), rel=1e-6)
-    assert [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()] == \
+    assert [r["step"] for r in step_rows(run)] == \
         list(range(1, STEPS + 1))
 
 

@@ -348,7 +348,7 @@ def test_long_captions_are_counted_against_t5(tiny_flux):
     assert family.count_truncated(c, ["short", "x " * 600]) == 1
 
 
-# ------------------------------------------------------------------ schnell, CLIP-L LoRA, quantization
+# ------------------------------------------------------------------ schnell, CLIP-L LoRA (quantized bases: test_quantize.py)
 
 
 def test_schnell_trains_and_its_lora_loads(tiny_schnell, tmp_path):
@@ -393,14 +393,6 @@ def test_model_vae_must_have_flux_latent_channels(tiny_flux, tmp_path):
     AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4).save_pretrained(tmp_path / "sd-vae")
     with pytest.raises(FinetuneError, match="16-channel"):
         family.load(resolve_source(str(tiny_flux)), FluxModelConfig(base=str(tiny_flux), vae=str(tmp_path / "sd-vae")))
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
-@pytest.mark.parametrize("kind", ["int8", "nf4"])
-def test_quantized_loading_without_a_gpu_is_one_clear_error(tiny_flux, kind):
-    with pytest.raises(FinetuneError) as e:
-        load(tiny_flux, quantize=kind)
-    assert "CUDA GPU" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_single_file_needs_a_config_for_the_rest(tmp_path):

@@ -11,7 +11,7 @@ from finetune.recipe import validate
 from finetune.recipe.schema import PriorPreservationConfig
 from finetune.train import train
 
-from .helpers import draw_subject, make_image_folder, tiny_recipe
+from .helpers import draw_subject, make_image_folder, tiny_recipe, step_rows
 
 
 def _pipe(model):
@@ -160,8 +160,7 @@ def test_class_examples_enter_the_loss(tiny_sd15, tmp_path):
     za, _ = _run(tmp_path, tiny_sd15, "za", a, 0.0)
     zb, _ = _run(tmp_path, tiny_sd15, "zb", b, 0.0)
     assert all(torch.equal(za[k], zb[k]) for k in za)
-    import json
-    rows = [json.loads(x) for x in (ra.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = step_rows(ra.run_dir)
     assert all("prior_loss" in r for r in rows)
 
 

@@ -3,7 +3,6 @@ SIGTERM, a run resumes from its last checkpoint and ends with exactly the weight
 never interrupted; checkpoints are verified, pruned only after a new one is complete, and not
 started when the disk cannot hold them."""
 
-import json
 import os
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from finetune.recipe import validate
 from finetune.train import checkpoint as ckpt
 from finetune.train import train
 
-from .helpers import make_image_folder, tiny_recipe
+from .helpers import make_image_folder, tiny_recipe, step_rows
 
 STEPS, EVERY = 12, 3
 # One thread: CPU reductions split over threads add in a varying order, and two runs that were
@@ -64,7 +63,7 @@ def _weights(run_dir):
 
 
 def _losses(run_dir):
-    return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in step_rows(run_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -236,5 +235,5 @@ def test_nan_loss_stops_or_skips_per_recipe(tiny_sd15, tmp_path, monkeypatch):
     result = train(validate(r, "t"), log=logs.append, progress=False)
     assert result.steps == 5 and any("loss became nan at step 3" in x and "batch skipped" in x for x in logs)
     assert all(torch.isfinite(v).all() for v in _weights(result.run_dir).values())
-    rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = step_rows(result.run_dir)
     assert rows[-1]["skipped_batches"] == 1

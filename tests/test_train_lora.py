@@ -1,7 +1,6 @@
 """LoRA training on the tiny SD1.5, end to end: loss falls, files load with diffusers' own
 loaders and change the output, 8-bit optimizer states are really 8-bit, checkpointing is on."""
 
-import json
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from safetensors.torch import load_file
 from finetune.recipe import validate
 from finetune.train import train
 
-from .helpers import loss_before_and_after, make_image_folder, tiny_recipe
+from .helpers import loss_before_and_after, make_image_folder, tiny_recipe, step_rows
 
 
 def run(tmp_path, model, name="run", **overrides):
@@ -56,7 +55,7 @@ def test_run_folder_holds_everything(trained):
     assert (d / "checkpoints" / "step-000030" / "lora.safetensors").is_file()
     samples = sorted((d / "samples").rglob("*.png"))
     assert {p.parent.name for p in samples} == {"step-000030", "step-000060"}
-    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    rows = step_rows(d)
     assert [r["step"] for r in rows] == list(range(1, 61))
     assert all({"loss", "lr", "images_per_second"} <= r.keys() for r in rows)
     card = (d / "README.md").read_text()
@@ -142,7 +141,7 @@ def test_gradient_checkpointing_recomputes_forward(tiny_sd15):
     from finetune.methods import get_method
     from finetune.recipe.schema import ModelConfig, TrainingConfig
     from finetune.methods.lora import LoraConfig
-    from finetune.train.setup import apply_memory_options
+    from finetune.train.memory import enable_checkpointing
 
     def forward_calls(checkpointing: bool) -> int:
         family = get_family("sd1")
@@ -150,7 +149,8 @@ def test_gradient_checkpointing_recomputes_forward(tiny_sd15):
         training = TrainingConfig(gradient_checkpointing=checkpointing)
         method = get_method(LoraConfig(rank=2), family, training)
         method.setup(c)
-        apply_memory_options(c, method, training)
+        if checkpointing:
+            enable_checkpointing(c, method)
         c.denoiser.train()
         block = c.denoiser.down_blocks[0].attentions[0].transformer_blocks[0]
         calls = []
@@ -218,7 +218,7 @@ def test_v_prediction_min_snr_noise_offset_accumulation(tmp_path, monkeypatch):
 
     accumulated, w_acc = run_v("accumulated")
     assert accumulated.steps == 3 and len(accumulated.losses) == 3
-    assert len((accumulated.run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len(step_rows(accumulated.run_dir)) == 3
     assert all(torch.isfinite(torch.tensor(accumulated.losses)))
     c = accumulated.components
     assert c.noise_scheduler.config.prediction_type == "v_prediction"
@@ -282,7 +282,7 @@ def test_epochs_instead_of_steps(tiny_sd15, tmp_path, batch, accumulation, epoch
                     training__batch_size=batch, training__gradient_accumulation_steps=accumulation)
     result = train(validate(r, "test"), log=lambda *_: None, progress=False)
     assert result.steps == steps and len(result.losses) == steps
-    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = step_rows(result.run_dir)
     assert [row["step"] for row in rows] == list(range(1, steps + 1))
     # Epoch after epoch, each of the same number of steps.
     epoch_of_step = [row["epoch"] for row in rows]

@@ -252,7 +252,9 @@ def test_adapter_hashes_are_remembered_on_disk_until_the_file_changes(tmp_path, 
     f = tmp_path / "a.safetensors"
     f.write_bytes(b"one")
     assert cache.file_sha256(f) == hashlib.sha256(b"one").hexdigest()
+    cache.flush()  # as at exit
     cache._memory.clear()  # a new process
+    cache._disks.clear()
     reads = []
     real_open = open
     monkeypatch.setattr("builtins.open", lambda p, *a, **k: (reads.append(str(p)), real_open(p, *a, **k))[1])
@@ -264,4 +266,5 @@ def test_adapter_hashes_are_remembered_on_disk_until_the_file_changes(tmp_path, 
     assert str(f) in reads
     (tmp_path / "cache" / cache.HASHES_FILE).write_text("{not json")  # a damaged cache is ignored, not fatal
     cache._memory.clear()
+    cache._disks.clear()
     assert cache.file_sha256(f) == hashlib.sha256(b"two!").hexdigest()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .. import __version__
+from ..files import write_text_atomically
 
 METHOD_NAMES = {"lora": "LoRA", "dreambooth": "DreamBooth (full fine-tune)", "textual_inversion": "textual-inversion"}
 
@@ -34,6 +36,47 @@ def _webui_line(family, kohya: str) -> str:
     if "ComfyUI" in family.kohya_apps:
         parts.append(f"In ComfyUI: copy `{kohya}` into `models/loras` and pick it in a LoraLoader node.")
     return " ".join(parts)
+
+
+def memory_line(run_dir: Path) -> dict | None:
+    """The `memory` line the run wrote to its metrics.jsonl (finetune/train/peak.py), the last one."""
+    path = Path(run_dir) / "metrics.jsonl"
+    found = None
+    for text in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("memory"), dict):
+            found = row["memory"]
+    return found
+
+
+def _memory_row(run_dir: Path) -> list[str]:
+    """The table row of the measured peaks, each beside the plan's prediction."""
+    m = memory_line(run_dir)
+    if m is None:
+        return []
+
+    def gib(key: str) -> str:
+        return f"{m[key] / 2**30:.2f} GiB" if isinstance(m.get(key), int) else "-"
+
+    if m.get("peak_gpu_bytes") is not None:
+        gpu = f"GPU {gib('peak_gpu_bytes')} peak (plan said {gib('predicted_gpu_bytes')})"
+    else:
+        gpu = f"GPU not measured on {m.get('device')} (plan said {gib('predicted_gpu_bytes')} for a GPU)"
+    return [f"| memory | {gpu}; host RAM {gib('peak_ram_bytes')} peak (plan said {gib('predicted_ram_bytes')}) |"]
+
+
+def _memory_options(recipe) -> list[str]:
+    """The `memory:` settings that differ from the defaults (float8 or quantized base, parked blocks...):
+    they change what the adapter was trained against."""
+    mem = getattr(recipe, "memory", None)
+    if mem is None:
+        return []
+    defaults = type(mem)()
+    changed = [f"{k}={v}" for k, v in mem.model_dump().items() if v != getattr(defaults, k)]
+    return [f"| memory options | {', '.join(changed)} |"] if changed else []
 
 
 def write_model_card(run_dir: Path, recipe, family, method, source, run_name: str, files: list[Path],
@@ -95,6 +138,8 @@ def write_model_card(run_dir: Path, recipe, family, method, source, run_name: st
         f"| precision | {t.mixed_precision}; gradient checkpointing {'on' if t.gradient_checkpointing else 'off'} |",
         f"| seed | {t.seed} |",
         f"| final loss | {losses[-1]:.4f} |" if losses else "| final loss | - |",
+        *_memory_options(recipe),
+        *_memory_row(run_dir),
         "",
         "The full resolved recipe is `recipe.yaml` in this folder; `finetune train recipe.yaml output.run_name=NEW` "
         "reproduces the run into a new folder.",
@@ -105,6 +150,4 @@ def write_model_card(run_dir: Path, recipe, family, method, source, run_name: st
         for p in samples:
             lines.append(f"![{p.stem}]({p.relative_to(run_dir).as_posix()})")
         lines.append("")
-    card = run_dir / "README.md"
-    card.write_text("\n".join(lines), encoding="utf-8")
-    return card
+    return write_text_atomically(run_dir / "README.md", "\n".join(lines))

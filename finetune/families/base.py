@@ -6,19 +6,21 @@ a tiny shape-faithful builder for tests (`finetune/tiny_models/<family>.py`, lis
 Recognising and loading
 - `name`; `pipeline_class` (sampling, and diffusers' LoRA / textual-inversion loaders) and
   `pipeline_class_names` so `matches(model_index)` recognises a diffusers folder (`model.family: auto`).
-- `load(source, cfg, dtype=None, device=None, vae_dtype=None) -> Components`: the pipeline and its
-  parts — `denoiser` (UNet or transformer), `vae`, `text_encoders` / `tokenizers` (dicts keyed by the
-  pipeline's attribute names: "text_encoder", "text_encoder_2"), a training `noise_scheduler`.
-  Each component is read from disk straight into the dtype it will run in — `dtype` for the
-  denoiser and the text encoders, `vae_dtype` for the VAE (None: float32; the training loop keeps
-  it there, SD VAEs overflow in fp16) — by the loaders' `dtype`/`torch_dtype` (`dtype_kwargs`,
-  `component_dtypes`), never as a float32 copy cast afterwards: the memory allocated while loading
-  stays at the weights' bytes in that dtype (`benchmarks/results/load_memory.md`). A quantized
-  denoiser keeps the dtype its quantization gives it; modules a library keeps in fp32 on purpose
-  (T5's `wo` under fp16) stay so. `device`: the components moved there one after the other once
-  loaded (`place`); None leaves them on the CPU. `dtype=None` and `vae_dtype=None`: the loaders'
-  defaults, as `load(source, cfg)` always gave (diffusers models in float32; transformers 5 text
-  encoders in their files' dtype). Honour `cfg.allow_pickle` (safetensors only unless set) and
+- `load(source, cfg, dtype=None, device=None, vae_dtype=None, quantize="none") -> Components`: the
+  pipeline and its parts — `denoiser` (UNet or transformer), `vae`, `text_encoders` / `tokenizers`
+  (dicts keyed by the pipeline's attribute names: "text_encoder", "text_encoder_2"), a training
+  `noise_scheduler`. Each component is read from disk straight into the dtype it will run in —
+  `dtype` for the denoiser and the text encoders, `vae_dtype` for the VAE (None: float32; the
+  training loop keeps it there, SD VAEs overflow in fp16) — by the loaders' `dtype`/`torch_dtype`
+  (`dtype_kwargs`, `component_dtypes`), never as a float32 copy cast afterwards: the memory
+  allocated while loading stays at the weights' bytes in that dtype
+  (`benchmarks/results/load_memory.md`). `quantize` (`memory.quantize_base`: none, int8, nf4,
+  torchao-int8): the denoiser read quantized and frozen (`quantize.load_denoiser`, given the
+  family's denoiser class; diffusers folders and hub ids, not single files); it keeps the dtype its quantization gives it. Modules a library keeps in
+  fp32 on purpose (T5's `wo` under fp16) stay so. `device`: the components moved there one after the
+  other once loaded (`place`); None leaves them on the CPU. `dtype=None` and `vae_dtype=None`: the
+  loaders' defaults, as `load(source, cfg)` always gave (diffusers models in float32; transformers 5
+  text encoders in their files' dtype). Honour `cfg.allow_pickle` (safetensors only unless set) and
   `cfg.vae` (loaded instead of the base's VAE, which is then never read); raise FinetuneError with
   one line on failure.
 
@@ -164,7 +166,8 @@ class Family:
         return model_index.get("_class_name") in cls.pipeline_class_names
 
     def load(self, source: ModelSource, cfg, dtype: torch.dtype | None = None,
-             device: torch.device | str | None = None, vae_dtype: torch.dtype | None = None) -> Components:
+             device: torch.device | str | None = None, vae_dtype: torch.dtype | None = None,
+             quantize: str = "none") -> Components:
         raise NotImplementedError
 
     def encode_images(self, c: Components, pixels: torch.Tensor) -> torch.Tensor:
@@ -189,6 +192,12 @@ class Family:
 
     def count_truncated(self, c: Components, captions: list[str]) -> int:
         return 0
+
+    def prompt_embeddings(self, c: Components, prompt: str, negative_prompt: str | None, guidance: float) -> dict:
+        """The pipeline's keyword arguments for `prompt` as embeddings (`prompt_embeds=`, ...), made now by
+        the pipeline's own `encode_prompt` where the text encoders are: samples made later need no text
+        encoder on the GPU."""
+        raise NotImplementedError
 
     def kohya_lora(self, denoiser_state, text_encoder_states, denoiser_alpha: float,
                    text_encoder_alphas: dict[str, float]) -> dict[str, torch.Tensor]:
@@ -236,7 +245,7 @@ def component_dtypes(dtype: torch.dtype | None, vae_dtype: torch.dtype | None) -
 
 def place(c: Components, device: torch.device | str | None) -> Components:
     """Each of the components' modules moved to `device`, one after the other, in its own dtype
-    (a quantized one too: bitsandbytes weights move, they do not cast); nothing for None."""
+    (a quantized one too: bitsandbytes and torchao weights move, they do not cast); nothing for None."""
     if device is None:
         return c
     for module in (c.denoiser, *c.text_encoders.values(), c.vae):

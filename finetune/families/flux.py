@@ -22,12 +22,13 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..config_base import Section
 from ..errors import FinetuneError
 from . import register_family
 from .base import Components, Family, ModelSource, component_dtypes, dtype_kwargs, load_vae, module_device, place
+from .quantize import load_denoiser
 
 # torch is imported inside the functions that run it: validating a recipe imports every plug-in
 # module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
@@ -62,8 +63,17 @@ class FluxOptions(Section):
             "3.1582); 1 = none."))
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
         "none", description="Per-sample loss weights from the SD3 paper (diffusers' compute_loss_weighting_for_sd3).")
-    quantize: Literal["none", "int8", "nf4"] = Field("none", description=(
-        "Load the frozen transformer 8-bit or 4-bit NF4 through bitsandbytes (QLoRA); needs a CUDA GPU."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        # Without this, an old recipe gets pydantic's "extra inputs are not permitted" and no hint.
+        if isinstance(data, dict) and "quantize" in data:
+            old = data["quantize"]
+            now = f"memory.quantize_base={old}" if old in ("none", "int8", "nf4") else "memory.quantize_base"
+            raise ValueError(f"quantize: moved to memory.quantize_base (for every family: none, int8, nf4 or "
+                             f"torchao-int8); write {now} instead")
+        return data
 
 
 def flux_options(model_cfg) -> FluxOptions:
@@ -200,7 +210,8 @@ class FluxFamily(Family):
 
         return FluxPipeline
 
-    def load(self, source: ModelSource, cfg, dtype=None, device=None, vae_dtype=None) -> Components:
+    def load(self, source: ModelSource, cfg, dtype=None, device=None, vae_dtype=None,
+             quantize: str = "none") -> Components:
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
         opts = flux_options(cfg)
@@ -213,8 +224,9 @@ class FluxFamily(Family):
         if getattr(cfg, "vae", None):
             components["vae"] = self._load_vae(cfg, vae_dtype)
         try:
-            if opts.quantize != "none":
-                components["transformer"] = self._quantized_transformer(source, cfg, opts.quantize)
+            if quantize != "none":
+                components["transformer"] = load_denoiser(FluxTransformer2DModel, source, cfg, "transformer",
+                                                          quantize, dtype)
             elif source.kind == "single_file":
                 components["transformer"] = FluxTransformer2DModel.from_single_file(
                     source.location, config=cfg.config, subfolder="transformer", **dtype_kwargs(dtype))
@@ -247,36 +259,16 @@ class FluxFamily(Family):
                                 "a 16-channel VAE (its own, or one trained for it)")
         return vae
 
-    def _quantized_transformer(self, source: ModelSource, cfg, kind: str):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise FinetuneError(f"model.flux.quantize: {kind} loading needs a CUDA GPU (bitsandbytes); "
-                                "set model.flux.quantize=none on this machine")
-        try:
-            from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
-            from peft import prepare_model_for_kbit_training
-        except ImportError as e:
-            raise FinetuneError(f"model.flux.quantize: {e}; pip install bitsandbytes") from e
-        if kind == "int8":
-            qc = BitsAndBytesConfig(load_in_8bit=True)
-        else:
-            qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-        common = dict(quantization_config=qc, torch_dtype=torch.bfloat16)
-        if source.kind == "single_file":
-            transformer = FluxTransformer2DModel.from_single_file(source.location, config=cfg.config,
-                                                                  subfolder="transformer", **common)
-        else:
-            transformer = FluxTransformer2DModel.from_pretrained(source.location, subfolder="transformer",
-                                                                 revision=cfg.revision, variant=cfg.variant, **common)
-        # As diffusers' QLoRA examples do: the few unquantized weights (norms, embedders) in fp32, no
-        # checkpointing hooks here (training.gradient_checkpointing decides that).
-        return prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
-
     def encode_images(self, c: Components, pixels: torch.Tensor) -> torch.Tensor:
         vae = c.vae
         latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
         return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+    def prompt_embeddings(self, c: Components, prompt, negative_prompt, guidance) -> dict:
+        # [dev] samples with its guidance embedding, not a negative prompt (no true CFG here).
+        device = module_device(c.text_encoders["text_encoder_2"])
+        embeds, pooled, _ = c.pipeline.encode_prompt(prompt, device=device, num_images_per_prompt=1)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def encode_prompts(self, c: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         import torch

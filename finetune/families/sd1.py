@@ -8,6 +8,7 @@ from ..errors import FinetuneError
 from . import _ddpm, register_family
 from .base import (Components, Family, ModelSource, component_dtypes, dtype_kwargs, load_vae, module_device,
                    place)
+from .quantize import load_denoiser
 
 # torch is imported inside the functions that run it: validating a recipe imports every plug-in
 # module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
@@ -32,13 +33,16 @@ class SD1Family(Family):
 
         return StableDiffusionPipeline
 
-    def load(self, source: ModelSource, cfg, dtype=None, device=None, vae_dtype=None) -> Components:
-        from diffusers import DDPMScheduler
+    def load(self, source: ModelSource, cfg, dtype=None, device=None, vae_dtype=None,
+             quantize: str = "none") -> Components:
+        from diffusers import DDPMScheduler, UNet2DConditionModel
 
         kwargs = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         if cfg.vae:  # instead of the base's VAE, which is then never read
             kwargs["vae"] = load_vae(cfg, vae_dtype)
         try:
+            if quantize != "none":
+                kwargs["unet"] = load_denoiser(UNet2DConditionModel, source, cfg, "unet", quantize, dtype)
             if source.kind == "single_file":
                 dtypes = component_dtypes(dtype, vae_dtype)
                 if isinstance(dtypes, dict):  # from_single_file takes one dtype: the VAE is read on its own
@@ -97,6 +101,11 @@ class SD1Family(Family):
     def count_truncated(self, c: Components, captions: list[str]) -> int:
         tok = c.tokenizers[self.text_encoder_names[0]]
         return sum(len(tok(cap).input_ids) > tok.model_max_length for cap in captions)
+
+    def prompt_embeddings(self, c: Components, prompt, negative_prompt, guidance) -> dict:
+        device = module_device(c.text_encoders["text_encoder"])
+        embeds, negative = c.pipeline.encode_prompt(prompt, device, 1, guidance > 1, negative_prompt)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
 
     def sample_noisy(self, c: Components, latents: torch.Tensor, noise_offset: float = 0.0):
         return _ddpm.sample_noisy(c.noise_scheduler, latents, noise_offset)

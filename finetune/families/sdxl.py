@@ -38,8 +38,8 @@ class SDXLFamily(SD1Family):
 
         return StableDiffusionXLPipeline
 
-    def load(self, source, cfg, dtype=None, device=None, vae_dtype=None) -> Components:
-        c = super().load(source, cfg, dtype=dtype, device=device, vae_dtype=vae_dtype)
+    def load(self, source, cfg, dtype=None, device=None, vae_dtype=None, quantize: str = "none") -> Components:
+        c = super().load(source, cfg, dtype=dtype, device=device, vae_dtype=vae_dtype, quantize=quantize)
         # The original-layout names of the UNet's modules, for kohya LoRA keys.
         from ..export.single_file import unet_module_map
 
@@ -57,6 +57,14 @@ class SDXLFamily(SD1Family):
             if hasattr(out, "text_embeds"):
                 pooled = out.text_embeds  # the second encoder's projection
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
+
+    def prompt_embeddings(self, c: Components, prompt, negative_prompt, guidance) -> dict:
+        device = module_device(c.text_encoders["text_encoder"])
+        pe, npe, ppe, nppe = c.pipeline.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=guidance > 1,
+                                                      negative_prompt=negative_prompt)
+        return {"prompt_embeds": pe, "negative_prompt_embeds": npe, "pooled_prompt_embeds": ppe,
+                "negative_pooled_prompt_embeds": nppe}
 
     def image_conditioning(self, c: Components, batch: dict) -> dict[str, torch.Tensor]:
         import torch

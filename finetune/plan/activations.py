@@ -102,16 +102,9 @@ class Tracer:
     def latent(self, size: tuple[int, int]) -> tuple[int, int]:
         return size[0] // self.vae_scale, size[1] // self.vae_scale
 
-    def validation_size(self, asked: tuple[int | None, int | None]) -> tuple[int, int]:
-        """(height, width) of validation samples: as asked, else the pipeline's default (the UNet's
-        sample size x the VAE's scale; the family's native size for a transformer)."""
-        sample = self.denoiser.get("sample_size")
-        default = sample * self.vae_scale if isinstance(sample, int) else self.family.default_resolution
-        return asked[0] or default, asked[1] or default
-
-    def cache_bytes_per_image(self, size: tuple[int, int], weight_bytes: int, latents: bool) -> int:
-        """Host RAM the caches take per training image: its latent (if cached) and its caption's text
-        embeddings (CLIP's 77 tokens, or FLUX's 512 T5 tokens, at the denoiser's context width)."""
+    def cache_bytes_per_image(self, size: tuple[int, int], weight_bytes: int, latents: bool, text: bool) -> int:
+        """Host RAM the caches take per training image: its latent and its caption's text embeddings
+        (CLIP's 77 tokens, or FLUX's 512 T5 tokens, at the denoiser's context width), each if cached."""
         from ..families.flux import T5_MAX_LENGTH
 
         h, w = self.latent(size)
@@ -120,11 +113,12 @@ class Tracer:
         tokens = T5_MAX_LENGTH if flux else CLIP_TOKENS
         width = self.denoiser.get("joint_attention_dim") or self.denoiser.get("cross_attention_dim")
         width = width if isinstance(width, int) else 768  # a per-block list in some UNets
-        return latent + tokens * width * weight_bytes
+        return latent + (tokens * width * weight_bytes if text else 0)
 
-    def model(self, name: str, mp: MethodPlan, dtype) -> tuple[torch.nn.Module, list]:
-        """Component `name` on the meta device in `dtype`, its repeats cut, the method applied; built
-        once and shared by the counts and every trace of it."""
+    def model(self, name: str, mp: MethodPlan, dtype, fp8: bool = False) -> tuple[torch.nn.Module, list]:
+        """Component `name` on the meta device in `dtype`, its repeats cut, the method applied (and
+        with `fp8` its frozen weights stored in fp8); built once and shared by the counts and every
+        trace of it."""
         def make():
             from .counts import text_encoder_names
             from .method import trained_encoders
@@ -133,24 +127,55 @@ class Tracer:
             if model is None:
                 from ..errors import FinetuneError
 
-                raise FinetuneError(f"model.base: no {name}/config.json for {self.spec.label}")
+                raise FinetuneError(f"model.base: cannot build the {name} of {self.spec.label} from its config "
+                                    "(no config.json, or a class diffusers/transformers do not have)")
             repeats = meta.cut_repeats(model)
             apply(mp, self.family, name, model, trained_encoders(mp, self.family, text_encoder_names(self.spec)))
+            if fp8:
+                from .fp8 import store_in_fp8
+
+                store_in_fp8(model)
             return model, repeats
-        return self._cached(("model", name, mp, dtype), make)
+        return self._cached(("model", name, mp, dtype, fp8), make)
 
     def counts(self, mp: MethodPlan, dtype) -> dict:
         from .counts import count_components
 
         return self._cached(("counts", mp, dtype), lambda: count_components(self, mp, dtype))
 
-    def denoiser_step(self, mp: MethodPlan, dtype, checkpointing: bool, size, text_grad: bool) -> int:
-        """Peak activation bytes of one training step of the denoiser, batch 1."""
+    def fp8_weights(self, mp: MethodPlan, dtype) -> int:
+        """Weights of the denoiser that `memory.fp8_base` stores in fp8 (`fp8.py`)."""
+        from .fp8 import FP8
+
         def make():
-            model, repeats = self.model(self.family.denoiser_component, mp, dtype)
+            model, repeats = self.model(self.family.denoiser_component, mp, dtype, fp8=True)
+            return meta.count(model, repeats, lambda n, p: p.dtype == FP8)
+        return self._cached(("fp8", mp, dtype), make)
+
+    def block_bytes(self, mp: MethodPlan, dtype, fp8: bool) -> list[int]:
+        """Bytes of the frozen weights of each of the denoiser's repeated blocks (diffusers'
+        `_repeated_blocks`), in the order finetune/train/block_swap.py parks them, cut blocks included."""
+        def make():
+            model, repeats = self.model(self.family.denoiser_component, mp, dtype, fp8)
+            names = set(getattr(model, "_repeated_blocks", None) or ())
+            last = {id(r.sample): r.full - r.kept for r in repeats}  # a cut run's missing blocks follow it
+            out = []
+            for m in model.modules():
+                if type(m).__name__ in names:
+                    size = sum(p.numel() * p.element_size() for p in m.parameters() if not p.requires_grad)
+                    out += [size] * (1 + last.get(id(m), 0))
+            return out
+        return self._cached(("blocks", mp, dtype, fp8), make)
+
+    def denoiser_step(self, mp: MethodPlan, dtype, checkpointing: bool, size, text_grad: bool,
+                      fp8: bool = False) -> int:
+        """Peak activation bytes of one training step of the denoiser, batch 1 (with `fp8`, the
+        weights' upcast copies it keeps included)."""
+        def make():
+            model, repeats = self.model(self.family.denoiser_component, mp, dtype, fp8)
             kwargs = denoiser_inputs(model, 1, self.latent(size), dtype, text_grad)
             return _step(model, repeats, checkpointing, lambda: model(**kwargs, return_dict=False)[0], _flat(kwargs))
-        return self._cached(("step", mp, dtype, checkpointing, size, text_grad), make)
+        return self._cached(("step", mp, dtype, checkpointing, size, text_grad, fp8), make)
 
     def text_step(self, mp: MethodPlan, name: str, dtype, checkpointing: bool) -> int:
         """Peak activation bytes of a text encoder that trains, one caption (batch 1)."""
@@ -162,16 +187,16 @@ class Tracer:
                          [ids])
         return self._cached(("text", mp, name, dtype, checkpointing), make)
 
-    def denoiser_sample(self, mp: MethodPlan, dtype, size) -> int:
+    def denoiser_sample(self, mp: MethodPlan, dtype, size, fp8: bool = False) -> int:
         """Peak activation bytes of one denoiser call without gradients (sampling), batch 1."""
         def make():
-            model, _ = self.model(self.family.denoiser_component, mp, dtype)
+            model, _ = self.model(self.family.denoiser_component, mp, dtype, fp8)
             model.eval()
             kwargs = denoiser_inputs(model, 1, self.latent(size), dtype, False)
             with torch.no_grad():  # nothing accumulates block after block: no repeats to add back
                 return measure(lambda: model(**kwargs, return_dict=False)[0],
                                external=_inputs_of(model) + _flat(kwargs), backward=False)
-        return self._cached(("sample", mp, dtype, size), make)
+        return self._cached(("sample", mp, dtype, size, fp8), make)
 
     def vae(self, direction: str, size) -> int:
         """Peak bytes of the VAE encoding ("encode") or decoding ("decode") one image, in fp32."""

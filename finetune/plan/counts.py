@@ -20,6 +20,7 @@ class Component:
     own: int  # its own parameters (LoRA layers excluded)
     trained_own: int = 0  # of those, the ones that train (then kept in fp32)
     linear: int = 0  # weights of its Linear layers (what a quantized base stores in 8 or 4 bits)
+    linear_rows: int = 0  # their output rows (8-bit quantization keeps a scale per row)
     trained_sizes: list[int] = field(default_factory=list)  # every trained tensor, LoRA layers included
     embedding: int = 0  # size of the token embedding matrix (textual inversion keeps a copy of it)
     embedding_dim: int = 0
@@ -46,10 +47,22 @@ def count_components(tracer, mp: MethodPlan, dtype) -> dict[str, Component]:
 
 def _count(name: str, model, repeats, embedding: bool) -> Component:
     shape = model.get_input_embeddings().weight.shape if embedding else (0, 0)
-    linear = {id(m.weight) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not is_lora(n)}
+    # What diffusers' bitsandbytes and torchao quantizers convert: every nn.Linear but the modules the
+    # model keeps in fp32 (matched as diffusers matches them; UNets and FLUX name none), never a conv.
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    linear = {id(m.weight) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not is_lora(n)
+              and not any(k + "." in n or k == n for k in keep)}
     return Component(
         name=name, kind=type(model).__name__, embedding=shape[0] * shape[1], embedding_dim=shape[1],
         own=meta.count(model, repeats, lambda n, p: not is_lora(n)),
         linear=meta.count(model, repeats, lambda n, p: id(p) in linear),
+        linear_rows=_rows(model, repeats, linear),
         trained_own=meta.count(model, repeats, lambda n, p: p.requires_grad and not is_lora(n)),
         trained_sizes=meta.numels(model, repeats, lambda n, p: p.requires_grad))
+
+
+def _rows(model, repeats, linear: set[int]) -> int:
+    """Output rows of the weights in `linear`, the blocks cut from the model included."""
+    def rows(module) -> int:
+        return sum(p.shape[0] for p in module.parameters() if id(p) in linear)
+    return rows(model) + sum((r.full - r.kept) * rows(r.sample) for r in repeats)

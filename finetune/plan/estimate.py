@@ -1,37 +1,32 @@
 """The memory of a run, phase by phase, from parameter counts (exact) and activation traces
 (estimated, `calibration.py`).
 
-A run's GPU memory peaks in one of its phases, each on top of what stays resident (every weight:
-the training loop keeps the denoiser, the text encoders and the VAE on the GPU for the whole run,
-finetune/train/setup.py `load_components`; and the trained parameters, in fp32):
-- caching: the VAE encodes the images one by one for the latent cache (fp32);
-- class images (prior preservation): the base model samples, before any adapter is attached;
+A run's GPU memory peaks in one of its phases, each on top of what stays resident (`weights.py`: the
+denoiser as `memory:` stores it, the trained parameters in fp32, the text encoders and the VAE unless
+`memory:` offloads them once their outputs are cached), as finetune/train places the components:
+- caching: the text encoders and the VAE on the GPU while the captions are encoded, then (the text
+  encoders offloaded) the VAE encoding the images one by one for the latent cache (fp32); the
+  denoiser waits in host RAM (a bitsandbytes-quantized one is on the GPU);
+- class images (prior preservation): the whole base model samples, before any adapter is attached;
 - training: gradients, optimizer states and the activations of one step;
-- validation: samples made with the adapter, the optimizer states still held.
-Host RAM peaks while loading (the weights pass through it) or while training (the caches live there).
+- validation: samples made with the adapter, the optimizer states still held; an offloaded VAE comes
+  back to decode them, offloaded text encoders do not (the prompts were encoded before they left).
+Host RAM peaks while loading (the weights pass through it), while caching (the denoiser waits there)
+or while training (the caches, offloaded encoders and parked blocks live there). `memory.compile`,
+`tf32` and `attention` change speed, not memory.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 from . import calibration as cal
-from .counts import Component
 from .settings import Settings
+from .weights import BNB, PRECISION, WEIGHT_BYTES, Row, caching_weights, load_bytes, loaded_weights, weight_rows
 
 GIB = 2**30
-WEIGHT_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
-# bitsandbytes: int8 weights with one fp32 scale per row; NF4 two weights a byte, an fp32 absmax per 64.
-QUANT_BYTES = {"int8": 1.0, "nf4": 0.5 + 4 / 64}
-PRECISION = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
-
-
-@dataclass
-class Row:
-    label: str
-    bytes: float
-    phase: str  # resident | training | caching | class images | validation
 
 
 @dataclass
@@ -42,6 +37,8 @@ class Estimate:
     host: dict[str, float] = field(default_factory=dict)  # host bytes at each phase's peak
     trained: int = 0  # parameters the optimizer holds
     learned: int = 0  # parameters that learn (textual inversion: the new rows only)
+    offloaded: float = 0.0  # bytes of the weights that leave the GPU after caching
+    parked: float = 0.0  # bytes of the denoiser's blocks kept in CPU memory (memory.offload_blocks)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -60,7 +57,23 @@ class Estimate:
 
     @property
     def host_peak(self) -> float:
-        return max(self.host.values())
+        """Peak host RAM of the run on a CUDA GPU, the process and the CUDA runtime included."""
+        return (cal.HOST_PROCESS_GIB + cal.CUDA_HOST_GIB) * GIB + max(self.host.values())
+
+    def host_peak_on(self, device: str) -> float:
+        """Peak host RAM of the same run on `device` ("cuda", "mps" or "cpu"). On the CPU the device's
+        memory is host memory: everything the GPU would hold, the offloaded encoders too (they have
+        nowhere to go), on top of the caches. On MPS as on CUDA without the CUDA runtime (not measured:
+        how much of Metal's memory counts as the process's resident pages is not known here)."""
+        if device == "cuda":
+            return self.host_peak
+        base = cal.HOST_PROCESS_GIB * GIB
+        if device != "cpu":
+            return base + max(self.host.values())
+        away = self.offloaded + self.parked
+        caches = self.host["training"] - away
+        phases = [b + (away if p == "training" else 0) for p, b in self.phases.items()]
+        return base + max(self.host["loading"], max(phases) + caches)
 
 
 def estimate(tracer, s: Settings) -> Estimate:
@@ -70,56 +83,45 @@ def estimate(tracer, s: Settings) -> Estimate:
     comps = tracer.counts(s.method, DTYPES[s.precision])
     est = Estimate(settings=s, trained=sum(c.trained for c in comps.values()))
     est.learned = est.trained - sum(c.embedding - s.method.vectors * c.embedding_dim for c in comps.values())
-    est.rows += _weight_rows(tracer, comps, s)
-    resident = sum(r.bytes for r in est.rows)
+    weights = weight_rows(tracer, comps, s)
+    est.rows += weights
+    resident = _sum(weights, "resident", "visiting")
+    est.offloaded, est.parked = _sum(weights, "offloaded"), _sum(weights, "parked")
     sizes = [n for c in comps.values() for n in c.trained_sizes]
     states = optimizer_bytes(s, sizes)
     est.rows += _training_rows(tracer, s, sizes, states)
-    est.phases["training"] = resident + sum(r.bytes for r in est.rows if r.phase == "training") - _overlap(est.rows)
-    _other_phases(tracer, comps, s, est, resident, states)
-    est.host = _host(tracer, comps, s)
+    est.phases["training"] = resident + _sum(est.rows, "training") - _overlap(est.rows)
+    _other_phases(tracer, comps, s, est, weights, states)
+    est.host = _host(tracer, comps, s, est, weights)
     return est
 
 
-def _other_phases(tracer, comps, s: Settings, est: Estimate, resident: float, states: float) -> None:
-    """Caching, validation and class images: sampling transients on top of what is resident then."""
+def _sum(rows: list[Row], *phases: str) -> float:
+    return sum(r.bytes for r in rows if r.phase in phases)
+
+
+def _other_phases(tracer, comps, s: Settings, est: Estimate, weights: list[Row], states: float) -> None:
+    """Caching, validation and class images: sampling transients on top of the weights on the GPU then."""
+    resident = _sum(weights, "resident", "visiting")
     encode = cal.INFERENCE_FACTOR * tracer.vae("encode", _square(s.resolution)) * (1 if s.cache_latents else s.batch)
     when = "for the latent cache" if s.cache_latents else "every step"
     est.rows.append(Row(f"VAE encoding images ({s.resolution} px, fp32, {when})", encode, "caching"))
     # Without a latent cache the images are encoded at every step, the optimizer states held.
-    est.phases["caching"] = resident + encode + (0 if s.cache_latents else states)
+    # Captions are encoded first; text encoders that go leave before the VAE encodes the images.
+    est.phases["caching"] = max(caching_weights(tracer, weights, s), encode + caching_weights(
+        tracer, weights, s, latents=True)) if s.cache_latents else encode + resident + states
     if s.validation_images:
-        size = tracer.validation_size(s.validation_size)
+        # The trainer samples at validation.height/width, else at the training resolution.
+        size = (s.validation_size[0] or s.resolution, s.validation_size[1] or s.resolution)
         val = _sampling(tracer, s, size, s.validation_images, s.validation_cfg)
         est.rows.append(Row(f"validation samples ({s.validation_images} at a time, {size[1]}x{size[0]})",
                             val, "validation"))
-        est.phases["validation"] = resident + states + val
-    if s.prior_batch:  # before the method attaches anything: every weight in the weight dtype
-        frozen = sum(c.own * _load_bytes(c, s) for c in comps.values())
+        vae = sum(r.bytes for r in weights if r.phase == "offloaded" and r.component == "vae")
+        est.phases["validation"] = resident + vae + states + val
+    if s.prior_batch:  # before the method attaches anything: the weights as loaded
         cls = _sampling(tracer, s, _square(s.resolution), s.prior_batch, True)
         est.rows.append(Row(f"class images (prior preservation, {s.prior_batch} at a time)", cls, "class images"))
-        est.phases["class images"] = frozen + cls
-
-
-def _weight_rows(tracer, comps: dict[str, Component], s: Settings) -> list[Row]:
-    rows = []
-    w = WEIGHT_BYTES[s.precision]
-    for c in comps.values():
-        frozen = c.own - c.trained_own
-        if c.name == "vae":
-            rows.append(Row(f"VAE weights (fp32, {_n(c.own)})", c.own * 4, "resident"))
-        elif c.name == tracer.family.denoiser_component and s.quantize in QUANT_BYTES:
-            b = c.linear * QUANT_BYTES[s.quantize] + (frozen - c.linear) * 4  # the rest in fp32 (peft kbit prep)
-            rows.append(Row(f"{c.name} weights ({s.quantize}, {_n(frozen)} frozen)", b, "resident"))
-        elif frozen:
-            where = "" if c.name == tracer.family.denoiser_component else ", kept on the GPU all run"
-            rows.append(Row(f"{c.name} weights ({PRECISION[s.precision]}, {_n(frozen)} frozen{where})",
-                            frozen * w, "resident"))
-        if c.embedding:  # textual inversion restores every other row from a copy after each step
-            rows.append(Row(f"{c.name}: copy of the embedding rows that must not change", c.embedding * w, "resident"))
-    trained = sum(c.trained for c in comps.values())
-    rows.append(Row(f"trained parameters (fp32, {_n(trained)})", trained * 4, "resident"))
-    return rows
+        est.phases["class images"] = loaded_weights(tracer, comps, s) + cls
 
 
 def _training_rows(tracer, s: Settings, sizes: list[int], states: float) -> list[Row]:
@@ -150,20 +152,29 @@ def activations(tracer, s: Settings) -> float:
 
     dtype = DTYPES[s.precision]
     text = tuple(trained_encoders(s.method, tracer.family, text_encoder_names(tracer.spec)))
-    per_image = tracer.denoiser_step(s.method, dtype, s.checkpointing, _square(s.resolution), bool(text))
+    step = functools.partial(tracer.denoiser_step, s.method, dtype, s.checkpointing, _square(s.resolution), bool(text))
+    per_image = step()
     # A text encoder that trains keeps its activations while the denoiser runs.
     per_image += sum(tracer.text_step(s.method, n, dtype, s.checkpointing) for n in text)
-    return cal.ACTIVATION_FACTOR[s.precision] * per_image * s.batch
+    return cal.ACTIVATION_FACTOR[s.precision] * per_image * s.batch + (_upcast(step) if s.fp8 else 0)
+
+
+def _upcast(trace) -> float:
+    """The upcast copies of fp8 weights a pass keeps (`trace(fp8)` minus `trace()`, at batch 1): once
+    per pass whatever the batch, and exact bytes, with none of autocast's extras to calibrate."""
+    return max(0.0, trace(fp8=True) - trace())
 
 
 def _sampling(tracer, s: Settings, size, images: int, cfg: bool) -> float:
     """Peak of making `images` at once: the denoiser's steps (a doubled batch under classifier-free
-    guidance; FLUX.1 is guidance-distilled: one pass) or the fp32 VAE decoding them all."""
+    guidance; FLUX.1 is guidance-distilled: one pass) or the fp32 VAE decoding them, one at a time
+    (`devices.decode_latents` slices)."""
     from .meta import DTYPES
 
     passes = 2 if cfg and tracer.family.name != "flux" else 1
-    denoise = tracer.denoiser_sample(s.method, DTYPES[s.precision], size) * images * passes
-    decode = tracer.vae("decode", size) * images
+    sample = functools.partial(tracer.denoiser_sample, s.method, DTYPES[s.precision], size)
+    denoise = sample() * images * passes + (_upcast(sample) if s.fp8 else 0)
+    decode = tracer.vae("decode", size)
     return cal.INFERENCE_FACTOR * max(denoise, decode)
 
 
@@ -179,23 +190,20 @@ def optimizer_bytes(s: Settings, sizes: list[int]) -> float:
     return float(sum(one(n) for n in sizes))
 
 
-def _host(tracer, comps, s: Settings) -> dict[str, float]:
-    base = cal.HOST_BASELINE_GIB * GIB
-    weights = sum(c.own * _load_bytes(c, s) for c in comps.values())
-    per_image = tracer.cache_bytes_per_image(_square(s.resolution), WEIGHT_BYTES[s.precision], s.cache_latents)
-    return {"loading": base + cal.LOADING_OVERHEAD * weights, "training": base + per_image * (s.images or 0)}
-
-
-def _load_bytes(c: Component, s: Settings) -> float:
-    # Each component is read in the dtype it runs in: the VAE in fp32, a quantized base in bf16 first.
-    if c.name == "vae":
-        return 4
-    return 2 if s.quantize in QUANT_BYTES and c.name == "transformer" else WEIGHT_BYTES[s.precision]
+def _host(tracer, comps, s: Settings, est: Estimate, weights: list[Row]) -> dict[str, float]:
+    """Host bytes of each phase on top of the process itself: the weights passing through while
+    loading; the denoiser waiting while the caches are made; the caches (unless memory.cache_dir keeps
+    them on disk), the offloaded encoders and the parked blocks while training."""
+    read = sum(c.own * load_bytes(tracer, c, s) for c in comps.values())
+    per_image = tracer.cache_bytes_per_image(_square(s.resolution), WEIGHT_BYTES[s.precision], s.cache_latents,
+                                             s.cache_text)
+    caches = per_image * (s.images or 0) if s.host_caches else 0
+    denoiser = tracer.family.denoiser_component
+    waiting = 0 if s.quantize in BNB else sum(
+        r.bytes for r in weights if r.component == denoiser and r.phase in ("resident", "parked"))
+    return {"loading": cal.LOADING_OVERHEAD * read, "caching": waiting + caches,
+            "training": caches + est.offloaded + est.parked}
 
 
 def _square(side: int) -> tuple[int, int]:
     return side, side
-
-
-def _n(count: int) -> str:
-    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M" if count >= 1e5 else f"{count:,}"

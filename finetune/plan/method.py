@@ -25,6 +25,11 @@ class MethodPlan:
     vectors: int = 0  # textual inversion: new vectors per text encoder
     full_text: bool = False  # DreamBooth with train_text_encoder
 
+    @property
+    def trains_text(self) -> bool:
+        """Prompts are encoded with gradients (finetune/methods `trains_text_encoder`): no text cache."""
+        return self.text_lora or bool(self.vectors) or self.full_text
+
 
 def method_plan(cfg) -> MethodPlan:
     from ..errors import FinetuneError

@@ -19,7 +19,8 @@ CONFIGS = Path(__file__).parent / "configs"
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "vae")
 # The built-in random-weight models are the public bases' shapes (finetune/tiny_models).
 BUILTIN_SHAPES = {"sd15-full-random": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                  "sdxl-full-random": "stabilityai/stable-diffusion-xl-base-1.0"}
+                  "sdxl-full-random": "stabilityai/stable-diffusion-xl-base-1.0",
+                  "flux-full-random": "black-forest-labs/FLUX.1-dev"}
 # A single file without model.config: the family's public base describes it.
 FAMILY_DEFAULTS = {"sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
                    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",

@@ -7,6 +7,7 @@ from .estimate import GIB, PRECISION, Estimate
 
 WIDTH = 84
 ESTIMATED = ("activations", "VAE encoding", "validation samples", "class images")
+MARKS = {"offloaded": "  not in training", "parked": "  not on the GPU"}
 PHASES = {"training": "training step", "caching": "VAE encoding images", "validation": "validation samples",
           "class images": "class images"}
 
@@ -21,7 +22,7 @@ def lines(result) -> list[str]:
            f"  method  {describe_method(est, result.spec.family)}", f"  run     {describe_run(est.settings)}", "",
            f"{'GPU memory (allocated)':<{WIDTH}}{'GiB':>7}"]
     for row in est.rows:
-        mark = "  estimated" if row.label.startswith(ESTIMATED) else ""
+        mark = "  estimated" if row.label.startswith(ESTIMATED) else MARKS.get(row.phase, "")
         out.append(f"  {row.label:<{WIDTH - 2}}{_g(row.bytes):>7}{mark}")
     out += ["", f"{'at the peak of each phase':<{WIDTH}}{'GiB':>7}"]
     for phase, b in est.phases.items():
@@ -49,7 +50,7 @@ def describe_method(est: Estimate, family) -> str:
     text = ", ".join(parts) + f": {est.learned:,} parameters learn"
     if est.trained != est.learned:
         text += f" ({est.trained:,} in the optimizer: whole embedding matrices)"
-    return text + (f"; {s.quantize} base" if s.quantize != "none" else "")
+    return text + (f"; {s.quantize} base" if s.quantize != "none" else "; fp8 base" if s.fp8 else "")
 
 
 def describe_run(s) -> str:
@@ -61,11 +62,16 @@ def describe_run(s) -> str:
 
 def host_line(est: Estimate) -> str:
     phase = max(est.host, key=est.host.get)
-    what = {"loading": f"while loading: the weights pass through host RAM in their training dtype (x{cal.LOADING_OVERHEAD})",
-            "training": "while training: latent and text-embedding caches"}[phase]
-    images = "" if est.settings.images is not None else "; no data folder here, caches not counted"
-    return (f"peak host RAM: {_g(est.host_peak)} GiB {what}, plus ~{cal.HOST_BASELINE_GIB} GiB for Python, torch "
-            f"and CUDA{images}")
+    s = est.settings
+    held = (["latent and text-embedding caches"] if s.host_caches else []) + (
+        ["offloaded encoders"] if est.offloaded else []) + (["parked blocks"] if est.parked else [])
+    loading = f"the weights pass through host RAM in their training dtype (x{cal.LOADING_OVERHEAD})"
+    caching = "the denoiser waits in host RAM" + (", beside the caches" if s.host_caches else "")
+    what = {"loading": f"while loading: {loading}", "caching": f"while caching: {caching}",
+            "training": f"while training: {', '.join(held) or 'nothing but the process'}"}[phase]
+    images = "" if s.images is not None or not s.host_caches else "; no data folder here, caches not counted"
+    return (f"peak host RAM: {_g(est.host_peak)} GiB {what}, with ~{cal.HOST_PROCESS_GIB + cal.CUDA_HOST_GIB} GiB "
+            f"for Python, torch and CUDA{images}")
 
 
 def note(est: Estimate) -> list[str]:
@@ -89,17 +95,16 @@ def advice_lines(result) -> list[str]:
         out.append(f"  {step.change.label + ':':<52} {_g(step.before)} -> {_g(step.after)} GiB   "
                    f"{' '.join(step.change.keys)}")
     if adv.fits:
-        keys = " ".join(k for step in adv.steps for k in step.change.keys)
-        out.append(f"  then: finetune train {result.recipe_name} {keys}")
-    return out + _not_yet(adv.final, result.spec.family)
+        out.append(f"  then: finetune train {result.recipe_name} {' '.join(final_keys(adv.steps))}")
+    return out
 
 
-def _not_yet(est: Estimate, family) -> list[str]:
-    """What would still help that finetune cannot do yet (issue 13): text encoders leave the GPU."""
-    if est.settings.method.text_lora or est.settings.method.vectors or est.settings.method.full_text:
-        return []
-    te = sum(r.bytes for r in est.rows if r.label.startswith("text_encoder") and "weights" in r.label)
-    if te < 0.5 * GIB:
-        return []
-    return [f"  not yet an option: the text encoders stay on the GPU all run ({_g(te)} GiB); freeing them once "
-            "their outputs are cached is planned."]
+def final_keys(steps) -> list[str]:
+    """The overrides of every step, each key once with the value the last step gave it."""
+    keys: dict[str, str] = {}
+    for step in steps:
+        for k in step.change.keys:
+            name = k.split("=", 1)[0]
+            keys.pop(name, None)  # re-inserted: listed where it last changed
+            keys[name] = k
+    return list(keys.values())

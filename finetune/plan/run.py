@@ -41,20 +41,36 @@ class PlanResult:
 
 
 def plan(recipe: str, overrides: list[str], vram: str | None = None, ram: str | None = None) -> PlanResult:
-    from .activations import Tracer
     from .advise import advise
     from .estimate import estimate
-    from .models import resolve_model
-    from .settings import settings_from_recipe
 
     budget = parse_size(vram, "--vram") if vram is not None else None
     host = parse_size(ram, "--ram") if ram is not None else None
     r, path = load_plan_recipe(recipe, overrides)
-    tracer = Tracer(resolve_model(r.model))
-    settings = settings_from_recipe(r)
+    tracer, settings = _prepare(r)
     est = estimate(tracer, settings)
     advice = advise(tracer, settings, budget) if budget is not None else None
     return PlanResult(path.stem, tracer.spec, est, advice, budget, host)
+
+
+def predict(recipe, images: int | None = None):
+    """The `Estimate` of a validated recipe's run (a training run's own recipe), from the model's
+    configs: no weight is read. `images`: the training images, when the caller has counted them (the
+    host caches hold one latent and one caption's embeddings each)."""
+    from dataclasses import replace
+
+    from .estimate import estimate
+
+    tracer, settings = _prepare(recipe)
+    return estimate(tracer, settings if images is None else replace(settings, images=images))
+
+
+def _prepare(recipe):
+    from .activations import Tracer
+    from .models import resolve_model
+    from .settings import settings_from_recipe
+
+    return Tracer(resolve_model(recipe.model)), settings_from_recipe(recipe)
 
 
 def exit_code(result: PlanResult) -> int:

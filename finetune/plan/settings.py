@@ -15,7 +15,7 @@ SAMPLE_SLICE = 8  # images per pipeline call when sampling (finetune/train/sampl
 @dataclass(frozen=True)
 class Settings:
     method: MethodPlan
-    precision: str  # training.mixed_precision: no | fp16 | bf16
+    precision: str  # training.mixed_precision made concrete: no | fp16 | bf16
     checkpointing: bool
     optimizer: str
     momentum: float
@@ -25,28 +25,40 @@ class Settings:
     resolution: int
     cache_latents: bool
     validation_images: int  # per pipeline call; 0: no validation samples
-    validation_size: tuple[int | None, int | None]  # (height, width); None: the model's default
+    validation_size: tuple[int | None, int | None]  # (height, width); None: the training resolution
     validation_cfg: bool  # classifier-free guidance doubles the sampling batch
     prior_batch: int  # class images per pipeline call; 0: no prior preservation
-    quantize: str  # FLUX: model.flux.quantize
+    quantize: str  # memory.quantize_base: none | int8 | nf4 | torchao-int8
+    fp8: bool  # memory.fp8_base
+    offload_blocks: int  # memory.offload_blocks: the denoiser's first N repeated blocks parked in CPU memory
+    cache_text: bool  # text-encoder outputs computed once (data.cache_text_embeddings resolved)
+    text_offload: bool  # the text encoders leave the GPU once their outputs are cached
+    vae_offload: bool  # the VAE leaves the GPU once the latents are cached
+    host_caches: bool  # the caches live in host RAM (memory.cache_dir unset: on disk otherwise)
     images: int | None  # images in data.path, if it is a folder on this machine
 
 
 def settings_from_recipe(recipe) -> Settings:
-    tr, val, pp, data = recipe.training, recipe.validation, recipe.prior_preservation, recipe.data
-    flux = getattr(recipe.model, "flux", None)
+    tr, val, pp, data, mem = recipe.training, recipe.validation, recipe.prior_preservation, recipe.data, recipe.memory
+    mp = method_plan(recipe.method)
+    # "auto" resolves as finetune/train/setup.py decide_caching does: latents when crops and flips are
+    # deterministic, text when no text encoder trains.
+    latents = ((data.crop == "center" and not data.random_flip) if data.cache_latents == "auto"
+               else bool(data.cache_latents))
+    text = not mp.trains_text if data.cache_text_embeddings == "auto" else bool(data.cache_text_embeddings)
     return Settings(
-        method=method_plan(recipe.method), precision=tr.mixed_precision, checkpointing=tr.gradient_checkpointing,
-        optimizer=recipe.optimizer.type, momentum=recipe.optimizer.momentum,
-        min_8bit_size=recipe.optimizer.min_8bit_size, batch=tr.batch_size,
-        accumulation=tr.gradient_accumulation_steps, resolution=data.resolution,
-        # "auto" caches when crops and flips are deterministic (finetune/train/setup.py decide_caching).
-        cache_latents=(data.crop == "center" and not data.random_flip) if data.cache_latents == "auto"
-        else bool(data.cache_latents),
+        # The plan is for a GPU run, where "auto" is bf16 (fp16 on GPUs before Ampere: the same bytes).
+        method=mp, precision="bf16" if tr.mixed_precision == "auto" else tr.mixed_precision,
+        checkpointing=tr.gradient_checkpointing, optimizer=recipe.optimizer.type,
+        momentum=recipe.optimizer.momentum, min_8bit_size=recipe.optimizer.min_8bit_size, batch=tr.batch_size,
+        accumulation=tr.gradient_accumulation_steps, resolution=data.resolution, cache_latents=latents,
         validation_images=min(val.images_per_prompt, SAMPLE_SLICE) if val.prompts else 0,
         validation_size=(val.height, val.width), validation_cfg=val.guidance_scale > 1,
-        prior_batch=pp.sample_batch_size if pp.enabled else 0,
-        quantize=getattr(flux, "quantize", "none") if flux is not None else "none",
+        prior_batch=pp.sample_batch_size if pp.enabled else 0, quantize=mem.quantize_base, fp8=mem.fp8_base,
+        offload_blocks=mem.offload_blocks,
+        # "auto" offloads what is cached: on a GPU, which is what the plan is for.
+        cache_text=text, text_offload=text and mem.text_encoders != "keep",
+        vae_offload=latents and mem.vae != "keep", host_caches=mem.cache_dir is None,
         images=count_images(data.path))
 
 

@@ -48,8 +48,8 @@ class ModelConfig(Section):
         None, description="Override the scheduler's prediction type (v_prediction for SD2.x 768 models).")
     allow_pickle: bool = Field(False, description="Allow loading pickled .ckpt/.bin weights (unsafe).")
     flux: FluxOptions = Field(default_factory=FluxOptions, description=(
-        "FLUX.1 only: timestep sampling and shift, guidance embedding, loss weighting, 8-bit/NF4 loading "
-        "(finetune/families/flux.py)."))
+        "FLUX.1 only: timestep sampling and shift, guidance embedding, loss weighting "
+        "(finetune/families/flux.py); a quantized base is memory.quantize_base."))
     vae: str | None = Field(None, description=(
         "A different VAE (diffusers folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix. The VAE runs in "
         "fp32 during training either way; samples and generation use it as loaded."))
@@ -143,7 +143,9 @@ class TrainingConfig(Section):
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine",
                           "cosine_with_restarts", "polynomial"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description=(
+        "auto: bf16 on a GPU that has it (Ampere or newer, Apple MPS), fp16 on older CUDA GPUs, no (fp32) on "
+        "a CPU; the choice is written into the run's recipe.yaml."))
     gradient_checkpointing: bool = False
     seed: Seed = 42
     min_snr_gamma: float | None = Field(None, gt=0, le=1000.0,
@@ -167,6 +169,43 @@ class TrainingConfig(Section):
         if self.max_steps is None and self.epochs is None:
             self.max_steps = 1000
         return self
+
+
+class MemoryConfig(Section):
+    """What the run keeps in GPU memory, and what it trades for less. Each option in effect is logged with
+    what it saved; `finetune plan RECIPE` shows what each would save before a run."""
+
+    text_encoders: Literal["auto", "keep", "offload"] = Field("auto", description=(
+        "offload: move the text encoders to the CPU once their outputs are cached (T5-XXL alone is 9.5 GB "
+        "in bf16); they come back for validation prompts only. auto = offload when cached, on a GPU."))
+    vae: Literal["auto", "keep", "offload"] = Field("auto", description=(
+        "offload: move the VAE to the CPU once latents are cached; it comes back to decode samples. "
+        "auto = offload when cached, on a GPU."))
+    quantize_base: Literal["none", "int8", "nf4", "torchao-int8"] = Field("none", description=(
+        "Load the frozen denoiser quantized (QLoRA style): int8/nf4 through bitsandbytes (a CUDA GPU), "
+        "torchao-int8 weight-only through torchao (any device). LoRA and textual inversion only."))
+    fp8_base: bool = Field(False, description=(
+        "Store the frozen denoiser's linear and conv weights in float8 (e4m3) and compute in the mixed "
+        "precision: half the bytes of bf16 weights. Needs mixed precision and gradient checkpointing "
+        "(without it every layer's upcast copy is kept for the backward pass)."))
+    offload_blocks: int = Field(0, ge=0, le=1000, description=(
+        "Keep the frozen weights of this many of the denoiser's repeated blocks (FLUX.1: 19 double- and 38 "
+        "single-stream blocks; the UNets' transformer blocks) in CPU memory; each visits the GPU only while "
+        "it runs, forward and backward (kohya's blocks_to_swap). Slower by the transfers; one process only."))
+    cache_dir: str | None = Field(None, description=(
+        "Folder for latents and text-encoder outputs on disk, keyed by the images' content and the "
+        "settings that made them, reused by later runs of the same data; read back one batch at a time, "
+        "so host RAM holds none of them. Unset: cached in memory for this run only."))
+    tf32: bool = Field(True, description=(
+        "TF32 matmuls and convolutions for fp32 work on Ampere or newer GPUs (about 10-bit mantissa, "
+        "several times faster); no effect elsewhere."))
+    attention: Literal["sdpa", "flash", "sage"] = Field("sdpa", description=(
+        "Attention kernel: sdpa = PyTorch's scaled_dot_product_attention (flash or memory-efficient "
+        "kernels chosen by PyTorch); flash/sage = diffusers' flash-attn or SageAttention backends, "
+        "which need their packages and a CUDA GPU."))
+    compile: bool = Field(False, description=(
+        "torch.compile the denoiser's repeated blocks (diffusers' regional compilation): faster steps "
+        "after a warm-up of a minute or more."))
 
 
 class PriorPreservationConfig(Section):
@@ -249,6 +288,7 @@ class Recipe(Section):
     method: MethodConfig = Field(default_factory=lambda: {"type": "lora"}, validate_default=True)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     prior_preservation: PriorPreservationConfig = Field(default_factory=PriorPreservationConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -260,4 +300,17 @@ class Recipe(Section):
             v = getattr(self.validation, key)
             if v is not None and v % multiple:
                 raise ValueError(f"validation.{key}: {v} is not a multiple of {multiple}")
+        mem, tr = self.memory, self.training
+        if mem.fp8_base and mem.quantize_base != "none":
+            raise ValueError(f"memory.fp8_base: cannot also quantize the base (memory.quantize_base="
+                             f"{mem.quantize_base}); choose one")
+        if mem.offload_blocks and mem.quantize_base != "none":
+            raise ValueError(f"memory.offload_blocks: cannot move quantized weights (memory.quantize_base="
+                             f"{mem.quantize_base}); choose one")
+        if mem.fp8_base and tr.mixed_precision == "no":
+            raise ValueError("memory.fp8_base: needs training.mixed_precision auto, bf16 or fp16 (float8 "
+                             "weights are computed in the mixed precision)")
+        if mem.fp8_base and not tr.gradient_checkpointing:
+            raise ValueError("memory.fp8_base: needs training.gradient_checkpointing: true; without it every "
+                             "layer's upcast copy stays for the backward pass and the run takes more memory, not less")
         return self

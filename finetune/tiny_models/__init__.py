@@ -30,7 +30,8 @@ BUILTIN_MODELS = {TINY_SD15: _builder(".sd15", "build_tiny_sd15"),
                   "sd15-full-random": _builder(".sd15", "build_sd15_full_random"),
                   "tiny-sdxl": _builder(".sdxl", "build_tiny_sdxl"),
                   "sdxl-full-random": _builder(".sdxl", "build_sdxl_full_random"),
-                  "tiny-flux": _builder(".flux", "build_tiny_flux")}
+                  "tiny-flux": _builder(".flux", "build_tiny_flux"),
+                  "flux-full-random": _builder(".flux", "build_flux_full_random")}
 
 
 def resolve_builtin(name: str) -> Path:

@@ -5,18 +5,26 @@ the guidance embedder of FLUX.1 [dev], or none for [schnell]), 16-channel latent
 T5 v1.1-style encoder (gated-GELU) with its own Unigram tokenizer, and the flow-matching Euler
 scheduler configured as each variant ships. Widths and depths are tiny, so every key we export is
 one a real FLUX.1 checkpoint has, at block indices 0 and 1.
+
+`build_flux_full_random` (`builtin:flux-full-random`) is the other end: the published FLUX.1 [dev]
+configs (11.9B-parameter transformer, T5-XXL encoder, CLIP-L, the 16-channel VAE) with random weights,
+for memory and speed measurements on a GPU where no checkpoint can be downloaded.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import os
+import shutil
 import string
+from pathlib import Path
 
 import torch
 
-from ..files import save_pretrained_atomically
+from ..files import save_pretrained_atomically, write_atomically
 from . import tiny_clip_tokenizer
-from .sd15 import SIZES
+from .sd15 import SIZES, default_dtype
 
 TE_HIDDEN = 32  # CLIP-L's width (its pooled output feeds the transformer); real: 768
 T5_HIDDEN = 32  # real: 4096 (T5 v1.1 XXL)
@@ -93,3 +101,66 @@ def build_tiny_flux(folder: str | os.PathLike, seed: int = 0, variant: str = "de
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
     return save_pretrained_atomically(pipe, folder)
+
+
+# The published configs, shipped for `finetune plan`; [schnell]'s are beside them.
+FLUX_DEV_CONFIGS = Path(__file__).resolve().parents[1] / "plan" / "configs" / "black-forest-labs__FLUX.1-dev"
+# Largest first: the process's peak memory is set by the first, and the others fit in what it freed.
+WEIGHTED = ("transformer", "text_encoder_2", "text_encoder", "vae")
+SHARD = "5GB"  # the hub's FLUX.1 uses 10 GB shards; smaller ones halve safetensors' per-shard CPU copy
+
+
+def random_component(name: str, configs: str | os.PathLike = FLUX_DEV_CONFIGS, dtype=torch.bfloat16):
+    """Component `name` (one of WEIGHTED) of the FLUX.1 whose configs are in `configs`, with random
+    weights created in `dtype` where torch creates them (`with torch.device("meta")`: shapes only).
+
+    The constructors' own initialisation runs straight in `dtype`, so no float32 copy ever exists (12B
+    parameters in fp32 would be 48 GB). Building on meta and materialising with `to_empty` would leave
+    uninitialised memory (NaN, inf) to re-initialise by hand for every module type the libraries define."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    folder = Path(configs) / name
+    with default_dtype(dtype):
+        if name == "transformer":
+            return FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(folder))
+        if name == "vae":
+            return AutoencoderKL.from_config(AutoencoderKL.load_config(folder))
+        if name == "text_encoder":
+            return CLIPTextModel(CLIPTextConfig.from_pretrained(folder))
+        if name == "text_encoder_2":
+            return T5EncoderModel(T5Config.from_pretrained(folder))
+    raise ValueError(f"no FLUX.1 component {name!r}; components with weights: {', '.join(WEIGHTED)}")
+
+
+def build_flux_full_random(folder: str | os.PathLike, seed: int = 0, dtype=torch.bfloat16,
+                           configs: str | os.PathLike = FLUX_DEV_CONFIGS, max_shard_size: str = SHARD):
+    """The real FLUX.1 [dev]'s shapes (or those of the pipeline in `configs`) with random weights,
+    written as sharded `dtype` safetensors (bf16: 33 GB, as the hub's) into the diffusers folder
+    `folder`; returns its path.
+
+    One component is created, written and freed at a time, so the peak memory is the transformer's
+    (24 GB in bf16). Parameters are made where torch creates them: under accelerate's
+    `init_on_device(torch.device("cuda"))` the random initialisation of 17B parameters takes seconds
+    instead of minutes on a CPU (benchmarks/gpu_smoke.py builds it so).
+    Tokenizers are the tiny ones (their ids are a subset of the real vocabularies, which set only the
+    embedding shapes); the scheduler is the one FLUX.1 ships."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    configs = Path(configs)
+    torch.manual_seed(seed)
+
+    def write(tmp: Path) -> None:
+        for name in WEIGHTED:
+            model = random_component(name, configs, dtype)
+            model.save_pretrained(tmp / name, safe_serialization=True, max_shard_size=max_shard_size)
+            del model
+            gc.collect()  # the next component is created only once this one's memory is back
+        transformer = json.loads((configs / "transformer" / "config.json").read_text(encoding="utf-8"))
+        variant = "dev" if transformer.get("guidance_embeds") else "schnell"
+        FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant]).save_pretrained(tmp / "scheduler")
+        tiny_clip_tokenizer().save_pretrained(tmp / "tokenizer")
+        tiny_t5_tokenizer().save_pretrained(tmp / "tokenizer_2")
+        shutil.copyfile(configs / "model_index.json", tmp / "model_index.json")
+
+    return write_atomically(folder, write, folder=True)

@@ -1,9 +1,11 @@
-"""Latents and text embeddings computed once. With several processes each encodes its share of the
-images and all of them receive the whole cache; every latent is seeded by its image alone, so the
-cache holds the same tensors on 1 or 8 processes."""
+"""Latents and text embeddings computed once, before the first step. With several processes each
+encodes its share and all of them receive the whole cache; every latent is seeded by its image
+alone and every caption is encoded on its own, so the cache holds the same tensors on 1 or 8
+processes (and in memory or on disk: disk_cache.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -33,43 +35,83 @@ def latent_seed(seed: int, example: int, epoch: int = 0) -> int:
     return (seed * 1_000_003 + example) * 1_009 + epoch
 
 
+def encode_item(dataset, i: int, encode, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+    """(latent on the CPU in `dtype`, sizes) of example `i` of `dataset`."""
+    item = dataset.item(i, 0)
+    latent = seeded_encode(encode, item["pixel_values"][None], [latent_seed(seed, i)])[0]
+    if not torch.isfinite(latent).all():
+        raise FinetuneError(f"the VAE produced NaN/inf latents for {item['key']}")
+    return latent.to(dtype).cpu(), {k: item[k] for k in SIZE_FIELDS}
+
+
+def progress(items, bar: str | None, accelerator):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=bar, disable=not bar or not accelerator.is_main_process)
+
+
+def my_share(items: list, accelerator) -> list:
+    return items[accelerator.process_index::accelerator.num_processes]
+
+
+def gather_dicts(accelerator, *parts: dict) -> tuple[dict, ...]:
+    """Each process's dicts updated with every other process's (a collective: all processes call it)."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        for theirs in gather_object([parts]):
+            for mine, other in zip(parts, theirs):
+                mine.update(other)
+    return parts
+
+
 def build_latent_cache(dataset, encode, seed: int, dtype: torch.dtype, accelerator,
                        bar: str | None) -> tuple[dict, dict]:
     """({key: latent}, {key: sizes}) for every example of `dataset`, shared by all processes;
     `bar`: the progress bar's title (None: no bar)."""
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
-
-    n, rank, world = len(dataset.examples), accelerator.process_index, accelerator.num_processes
     latents, sizes = {}, {}
-    for i in tqdm(range(rank, n, world), desc=bar, disable=not bar or not accelerator.is_main_process):
-        item = dataset.item(i, 0)
-        latent = seeded_encode(encode, item["pixel_values"][None], [latent_seed(seed, i)])[0]
-        if not torch.isfinite(latent).all():
-            raise FinetuneError(f"the VAE produced NaN/inf latents for {item['key']}")
-        latents[item["key"]] = latent.to(dtype).cpu()
-        sizes[item["key"]] = {k: item[k] for k in SIZE_FIELDS}
-    if world > 1:
-        for part in gather_object([(latents, sizes)]):
-            latents.update(part[0])
-            sizes.update(part[1])
-    return latents, sizes
+    for i in progress(my_share(list(range(len(dataset.examples))), accelerator), bar, accelerator):
+        key = dataset.examples[i].key
+        latents[key], sizes[key] = encode_item(dataset, i, encode, seed, dtype)
+    return gather_dicts(accelerator, latents, sizes)
+
+
+def drawable_captions(dataset) -> set[str]:
+    """Every caption `ImageCaptionDataset.caption` can hand out: each example's, and the empty one
+    when caption dropout is on (any item may draw it in some epoch)."""
+    captions = {e.caption or "" for e in dataset.examples}
+    if dataset.cfg.caption_dropout > 0:
+        captions.add("")
+    return captions
+
+
+def encode_caption(family, c, caption: str) -> dict[str, torch.Tensor]:
+    """One caption's embeddings, on the CPU. Alone, never in a batch: a caption's embedding then does not
+    depend on which captions were encoded with it (nor on which were already on disk)."""
+    with torch.no_grad():
+        enc = family.encode_prompts(c, [caption])
+    return {k: v[0].to("cpu", copy=True) for k, v in enc.items()}
+
+
+def build_text_cache(captions: list[str], encode, accelerator, bar: str | None) -> dict[str, dict]:
+    """{caption: embeddings} for every caption, shared by all processes."""
+    mine = {cap: encode(cap) for cap in progress(my_share(captions, accelerator), bar, accelerator)}
+    return gather_dicts(accelerator, mine)[0]
 
 
 class TextCache:
-    """Prompt embeddings by caption, encoded on first use (only when the text encoders are frozen)."""
+    """Prompt embeddings by caption, every caption the run can draw computed before the first step (in
+    memory, or on disk and read as batches ask): the training step never runs a text encoder."""
 
-    def __init__(self, family, c, enabled: bool):
-        self.family, self.c, self.enabled = family, c, enabled
-        self.cache: dict[str, dict[str, torch.Tensor]] = {}
+    def __init__(self, entries: Mapping[str, dict[str, torch.Tensor]], device):
+        self.entries, self.device = entries, device
 
     def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        if not self.enabled:
-            return self.family.encode_prompts(self.c, captions)
-        missing = [cap for cap in dict.fromkeys(captions) if cap not in self.cache]
-        if missing:
-            with torch.no_grad():
-                enc = self.family.encode_prompts(self.c, missing)
-            for j, cap in enumerate(missing):
-                self.cache[cap] = {k: v[j] for k, v in enc.items()}
-        return {k: torch.stack([self.cache[cap][k] for cap in captions]) for k in self.cache[captions[0]]}
+        rows = {}
+        for cap in dict.fromkeys(captions):
+            if cap not in self.entries:
+                # A silent encoder call here would run an encoder that may have left the GPU.
+                raise RuntimeError(f"internal error: caption {cap!r} was not encoded before training "
+                                   f"({len(self.entries)} captions were); please report this")
+            rows[cap] = self.entries[cap]
+        return {k: torch.stack([rows[cap][k] for cap in captions]).to(self.device) for k in rows[captions[0]]}

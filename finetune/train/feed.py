@@ -3,11 +3,13 @@ the loss of one loader batch (instance images, plus class images with prior pres
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from .caches import TextCache, build_latent_cache, seeded_encode
+from .caches import TextCache, build_latent_cache, build_text_cache, drawable_captions, encode_caption, seeded_encode
 from .data_loader import StepSampler, TrainingItems, build_loader
 from .objective import BatchLoss, vae_seeds
 from .setup import WEIGHT_DTYPES, decide_caching
@@ -19,14 +21,24 @@ class Feed:
     loader: object
     run: object
     accelerator: object
-    latents: dict | None
-    cache_text: bool
+    latents: Mapping | None  # {key: latent}, in memory or read from memory.cache_dir; None: encoded each step
+    text: TextCache | None  # every caption's embeddings, made before the first step; None: encoded each step
+
+    @property
+    def latents_precomputed(self) -> bool:
+        """No VAE is needed by the training step."""
+        return self.latents is not None
+
+    @property
+    def text_precomputed(self) -> bool:
+        """No text encoder is needed by the training step."""
+        return self.text is not None
 
     def batch_loss(self, forward_c):
         """batch -> (loss to back-propagate, stats) with the models of `forward_c` (accelerate's wrappers)."""
         r, a = self.run, self.accelerator
-        # Prompts go through forward_c too: a text encoder that trains must sync its gradients.
-        text = TextCache(r.family, forward_c, self.cache_text)
+        # Uncached prompts go through forward_c: a text encoder that trains must sync its gradients.
+        text = self.text if self.text is not None else partial(r.family.encode_prompts, forward_c)
         loss = BatchLoss(r.family, forward_c, r.recipe.training, text, a.autocast)
         pp = r.recipe.prior_preservation
         dtype = WEIGHT_DTYPES[r.recipe.training.mixed_precision]
@@ -57,9 +69,12 @@ class Feed:
                              ).to(device, dtype)
 
 
-def build_feed(run, accelerator) -> Feed:
+def build_feed(run, accelerator, text_cached=None) -> Feed:
+    """Caches built (captions first, then `text_cached(all encoded)` is called, then latents), the
+    step sampler and the DataLoader."""
     from ..data import ImageCaptionDataset
     from ..data.prior import class_examples
+    from .disk_cache import DiskCache
 
     recipe, tr = run.recipe, run.recipe.training
     cache_latents, cache_text = decide_caching(recipe, run.dataset, run.method)
@@ -68,7 +83,17 @@ def build_feed(run, accelerator) -> Feed:
         classes = ImageCaptionDataset(class_examples(run.class_files, recipe.prior_preservation.class_prompt),
                                       recipe.data.model_copy(update={"repeats": 1, "caption_dropout": 0.0}),
                                       seed=tr.seed + 1)
-    latents = _latent_caches(run, accelerator, classes) if cache_latents else None
+    folder = recipe.memory.cache_dir
+    disk = DiskCache.open(folder, accelerator, run.log) if folder and (cache_latents or cache_text) else None
+    if folder and disk is None:
+        run.log("memory.cache_dir: this run caches neither latents nor text embeddings (data.cache_latents, "
+                "data.cache_text_embeddings); the folder is not used")
+    text = _text_cache(run, accelerator, classes, disk) if cache_text else None
+    if text_cached is not None:
+        text_cached(text is not None)
+    latents = _latent_caches(run, accelerator, classes, disk) if cache_latents else None
+    if disk is not None:
+        run.log(disk.summary())
     sampler = StepSampler(run.dataset.bucket_of_index, classes.bucket_of_index if classes else None,
                           tr.batch_size, accelerator.num_processes, tr.gradient_accumulation_steps, tr.seed)
     items = TrainingItems(run.dataset, classes, latents)
@@ -76,18 +101,42 @@ def build_feed(run, accelerator) -> Feed:
     truncated = run.family.count_truncated(run.c, [e.caption or "" for e in run.examples])
     if truncated:
         run.log(f"warning: {truncated} caption(s) are longer than the text encoder's token limit and will be cut")
-    return Feed(sampler, loader, run, accelerator, latents[0] if latents else None, cache_text)
+    return Feed(sampler, loader, run, accelerator, latents[0] if latents else None, text)
 
 
-def _latent_caches(run, accelerator, classes) -> tuple[dict, dict]:
+def _latent_caches(run, accelerator, classes, disk) -> tuple[Mapping, dict]:
+    """({key: latent}, {key: sizes}) of the instance and class images: in memory, or on disk (read one
+    at a time when a batch asks)."""
+    from .disk_cache import DiskEntries, LatentEncoder, latent_identity
+
     tr = run.recipe.training
     dtype = WEIGHT_DTYPES[tr.mixed_precision]
     encode = lambda px: run.family.encode_images(run.c, px.to(accelerator.device))  # noqa: E731
-    latents, sizes = build_latent_cache(run.dataset, encode, tr.seed, dtype, accelerator,
-                                        "caching latents" if run.progress else None)
-    if classes is not None:
-        more = build_latent_cache(classes, encode, tr.seed + 1, dtype, accelerator,
-                                  "caching class latents" if run.progress else None)
-        latents.update(more[0])
-        sizes.update(more[1])
-    return latents, sizes
+    encoder = LatentEncoder(encode, dtype, latent_identity(run.family, run.c, dtype, accelerator.device)) \
+        if disk is not None else None
+    latents, sizes = {}, {}
+    for dataset, seed, title in ((run.dataset, tr.seed, "caching latents"),
+                                 (classes, tr.seed + 1, "caching class latents")):
+        if dataset is None:
+            continue
+        bar = title if run.progress else None
+        part = disk.latents(dataset, seed, encoder, bar) if disk is not None else \
+            build_latent_cache(dataset, encode, seed, dtype, accelerator, bar)
+        latents.update(part[0])
+        sizes.update(part[1])
+    return (DiskEntries(latents, "latent") if disk is not None else latents), sizes
+
+
+def _text_cache(run, accelerator, classes, disk) -> TextCache:
+    """Every caption a batch can hold (each example's after the method's rewrite, the empty one under
+    caption dropout, the class prompt), encoded now: in memory, or on disk."""
+    from .disk_cache import DiskEntries, text_identity
+
+    captions = sorted({run.method.prepare_caption(cap) for ds in (run.dataset, classes) if ds is not None
+                       for cap in drawable_captions(ds)})
+    encode = partial(encode_caption, run.family, run.c)
+    bar = "encoding captions" if run.progress else None
+    if disk is None:
+        return TextCache(build_text_cache(captions, encode, accelerator, bar), accelerator.device)
+    paths = disk.texts(captions, encode, text_identity(run.family, run.c, accelerator.device), bar)
+    return TextCache(DiskEntries(paths), accelerator.device)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import checkpoint as ckpt
+from .memory import check_memory_options
 from .preflight import preflight
 from .run_dir import open_run, owned
 from .setup import resolve_family
@@ -24,11 +25,15 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     refused when the training data changed since, unless `allow_changed_data`."""
     from ..data import ImageCaptionDataset, discover_examples
     from .distributed import process_state
+    from .peak import reset_peak
 
     preflight(recipe)
     state = process_state()
+    reset_peak(state.device)  # the measured peak covers loading and class images too
     log = log if state.is_main_process else _silent
     family, source = resolve_family(recipe.model)
+    recipe = concrete_precision(recipe, family)
+    check_memory_options(recipe, state.num_processes)
     base_dir = recipe_path.parent if recipe_path else None
     examples = discover_examples(recipe.data, base_dir, log=log)
     dataset = ImageCaptionDataset(examples, recipe.data, seed=recipe.training.seed)
@@ -44,6 +49,17 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
         trainer = Trainer(run)
         trainer.prepare()
         return trainer.fit()
+
+
+def concrete_precision(recipe, family):
+    """The recipe with `training.mixed_precision: auto` replaced by what this machine runs, so the
+    saved recipe.yaml (and a resume's comparison with it) says what was used."""
+    from ..devices import training_precision
+
+    chosen = training_precision(recipe.training.mixed_precision, family=family)
+    if chosen == recipe.training.mixed_precision:
+        return recipe
+    return recipe.model_copy(update={"training": recipe.training.model_copy(update={"mixed_precision": chosen})})
 
 
 def _silent(*_args, **_kwargs) -> None:
@@ -80,6 +96,7 @@ def _load(recipe, known: dict):
     """The Run: to what is `known` about it, the model loaded and placed, class images made, the
     method attached."""
     from ..hooks import build_pipeline
+    from .memory import use_tf32
     from .setup import attach_method, class_images, load_components, make_accelerator
     from .trainer import Run
 
@@ -87,8 +104,9 @@ def _load(recipe, known: dict):
     log, family = known["log"], known["family"]
     output_hooks = build_pipeline(recipe.output.hooks, log)
     accelerator = make_accelerator(recipe.training)
+    use_tf32(recipe.memory, accelerator.device, log)
     log(f"loading {known['source'].label} ({family.name})")
-    c = load_components(family, known["source"], recipe.model, recipe.training, accelerator.device)
+    c = load_components(family, known["source"], recipe.model, recipe.training, accelerator.device, recipe.memory)
     class_files = class_images(recipe, c, accelerator, output_hooks, log, known["progress"])
     method, groups = attach_method(recipe, family, c, log)
     log(f"run folder: {known['run_dir']}")

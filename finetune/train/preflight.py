@@ -1,7 +1,8 @@
 """Everything about a run that can be known before a model loads, checked before it loads: the
-hardware, every number finite, the VAE and output folders, the family against the model folder,
-and LoRA target modules against the denoiser built from its config on the meta device. A problem
-found here costs a second, not the minutes of loading a model; each is one `key.path: ...` line."""
+hardware, what a quantized base needs (`memory.quantize_base`), every number finite, the VAE and
+output folders, the family against the model folder, and LoRA target modules against the denoiser
+built from its config on the meta device. A problem found here costs a second, not the minutes of
+loading a model; each is one `key.path: ...` line."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ _LORA_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "MultiheadA
 
 def preflight(recipe) -> None:
     """Raise one RecipeError listing every problem found, or return."""
-    problems = [*_hardware_problems(recipe.training), *_non_finite(recipe),
+    problems = [*_hardware_problems(recipe.training), *_quantize_problems(recipe), *_non_finite(recipe),
                 *_folder_problems(recipe), *_model_problems(recipe)]
     if problems:
         raise RecipeError(problems)
@@ -34,6 +35,21 @@ def _hardware_problems(training) -> list[str]:
     if mp == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         return ["training.mixed_precision: this GPU does not support bf16; use fp16"]
     return []
+
+
+def _quantize_problems(recipe) -> list[str]:
+    """`memory.quantize_base` against the method and this machine (its package, its device)."""
+    from ..families.quantize import KEY, SINGLE_FILE, problem
+
+    kind = recipe.memory.quantize_base
+    if kind == "none":
+        return []
+    if recipe.method.type == "dreambooth":
+        return [f"{KEY}: DreamBooth trains the denoiser's own weights, which cannot be quantized; use {kind} "
+                "with lora, pivotal or textual_inversion, or set memory.quantize_base=none"]
+    if why := problem(kind):
+        return [why]
+    return [SINGLE_FILE] if Path(recipe.model.base).expanduser().is_file() else []
 
 
 def _non_finite(section, prefix: str = "") -> list[str]:

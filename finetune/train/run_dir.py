@@ -248,7 +248,7 @@ class MetricsLog:
 
 
 # Sections a resumed run may change: they decide what is written and sampled, not what is trained.
-RESUME_MAY_CHANGE = ("description", "output", "validation")
+RESUME_MAY_CHANGE = ("description", "output", "validation", "memory")
 
 
 def find_resume(recipe, recipe_path: Path | None, resume: str, log) -> tuple[Path, str, Path]:

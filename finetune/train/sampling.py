@@ -38,6 +38,9 @@ class Sampling:
     width: int | None = None
     height: int | None = None
     autocast: Callable | None = None  # a context factory (accelerate's autocast while training)
+    # (prompt, negative prompt) -> the pipeline's embedding keywords, made before the text encoders
+    # left the GPU (`memory.text_encoders: offload`); None: the pipeline encodes the prompt itself.
+    embed: Callable[[str, str | None], dict] | None = None
 
 
 @dataclass
@@ -79,7 +82,7 @@ def emit_images(pipe, prompts: list[str], how: Sampling, where: Destination) -> 
             written += write_outputs([], folder, [(name, prov, refusals) for name, prov in zip(names, provs)])
             continue
         for i in range(0, n, BATCH):
-            items, black = _generate(pipe, provs[i:i + BATCH], hooks, how.autocast)
+            items, black = _generate(pipe, provs[i:i + BATCH], hooks, how)
             for name, item, dark in zip(names[i:i + BATCH], items, black):
                 if dark:
                     _report_black(name, item, log)
@@ -104,15 +107,16 @@ def _report_black(name: Path, item: OutputImage, log) -> None:
         warnings.warn(line.removeprefix("warning: "), stacklevel=3)
 
 
-def _generate(pipe, provs: list[Provenance], hooks: OutputPipeline, autocast) -> tuple[list[OutputImage], list[bool]]:
+def _generate(pipe, provs: list[Provenance], hooks: OutputPipeline, how: Sampling) -> tuple[list[OutputImage], list[bool]]:
     """One image per provenance (all of one prompt), each passed through the hooks; and which of them
     came out of the model black. The denoising runs under `autocast`, the VAE decode outside it in
     fp32 (`devices.run_pipeline`): fp16 autocast would otherwise overflow the SDXL VAE into black."""
     p = provs[0]
     generators = [torch.Generator(device="cpu").manual_seed(prov.seed) for prov in provs]
-    images = run_pipeline(pipe, autocast, prompt=p.prompt, negative_prompt=p.negative_prompt,
-                          num_images_per_prompt=len(provs), num_inference_steps=p.steps, guidance_scale=p.guidance,
-                          generator=generators, width=p.width, height=p.height)
+    text = how.embed(p.prompt, p.negative_prompt) if how.embed else {
+        "prompt": p.prompt, "negative_prompt": p.negative_prompt}
+    images = run_pipeline(pipe, how.autocast, **text, num_images_per_prompt=len(provs), num_inference_steps=p.steps,
+                          guidance_scale=p.guidance, generator=generators, width=p.width, height=p.height)
     black = [is_black(image) for image in images]
     screen_batch(hooks, images)
     items = [hooks.process(OutputImage(image=image, provenance=replace(prov, width=image.width, height=image.height)))

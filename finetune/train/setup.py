@@ -48,20 +48,32 @@ def make_accelerator(training):
     return accelerator
 
 
-def load_components(family, source, model_cfg, training, device):
-    """The model in the dtypes it trains in, on `device`: the denoiser and the text encoders in the
-    weight dtype of `training.mixed_precision` (fp32 for "no"; a quantized denoiser keeps its own),
-    the VAE in fp32 (SD VAEs overflow in fp16: NaN latents, black images). Each is read from disk
-    in that dtype, then moved to `device` (`Family.load`): no fp32 copy of a half-precision model is
-    ever made, so loading allocates about the weights' bytes in that dtype of host RAM."""
-    return family.load(source, model_cfg, dtype=WEIGHT_DTYPES[training.mixed_precision], device=device,
-                       vae_dtype=torch.float32)
+def load_components(family, source, model_cfg, training, device, memory=None):
+    """The model in the dtypes it trains in: the denoiser and the text encoders in the weight dtype of
+    `training.mixed_precision` (fp32 for "no"; a quantized denoiser keeps its own), the VAE in fp32
+    (SD VAEs overflow in fp16: NaN latents, black images). Each is read from disk in that dtype
+    (`Family.load`): no fp32 copy of a half-precision model is ever made, so loading allocates about
+    the weights' bytes in that dtype of host RAM. `memory`: the recipe's section (`quantize_base`).
+
+    On a GPU the text encoders and the VAE go to it now and the denoiser stays on the CPU until the
+    caches are built (`place_denoiser`), so the GPU never holds all of them at once (bitsandbytes
+    puts a quantized denoiser on the GPU itself, where it stays)."""
+    quantize = memory.quantize_base if memory is not None else "none"
+    device = torch.device(device)
+    staged = device.type != "cpu"
+    c = family.load(source, model_cfg, dtype=WEIGHT_DTYPES[training.mixed_precision],
+                    device=None if staged else device, vae_dtype=torch.float32, quantize=quantize)
+    if staged:
+        for m in (*c.text_encoders.values(), c.vae):
+            m.to(device)
+    return c
 
 
 def class_images(recipe, c, accelerator, output_hooks, log, progress) -> list[Path]:
     """Prior preservation's class images, made once by the main process with the untouched base model,
     before any adapter is attached; the other processes wait for the list."""
     from ..data.prior import ensure_class_images
+    from .memory import classifiers_on, denoiser_visiting
 
     pp = recipe.prior_preservation
     if not pp.enabled:
@@ -70,7 +82,8 @@ def class_images(recipe, c, accelerator, output_hooks, log, progress) -> list[Pa
     def make() -> list[Path]:
         # Apart from the training RNG: a run that generates its class images and one that finds
         # them (a second run, a resume) then train alike.
-        with accelerator.autocast(), fork_rng():
+        with accelerator.autocast(), fork_rng(), classifiers_on(output_hooks, accelerator.device), \
+                denoiser_visiting(c, accelerator.device):
             return ensure_class_images(c.pipeline, pp, recipe.data.resolution, log, progress,
                                        screen=output_hooks.screening())
 
@@ -86,25 +99,16 @@ def attach_method(recipe, family, c, log):
     from diffusers.training_utils import cast_training_params
 
     from ..methods import get_method
+    from .memory import apply_memory_options
 
     tr = recipe.training
     method = get_method(recipe.method, family, tr)
     groups = method.setup(c)
     if WEIGHT_DTYPES[tr.mixed_precision] != torch.float32:
         cast_training_params(method.trainable_modules(c), dtype=torch.float32)
-    apply_memory_options(c, method, tr)
+    apply_memory_options(c, method, recipe, log)
     log(f"method {recipe.method.type}: {method.trainable_parameter_count(groups):,} trainable parameters")
     return method, groups
-
-
-def apply_memory_options(c, method, training) -> None:
-    if training.gradient_checkpointing:
-        # The denoiser always: gradients flow through it even when only embeddings train.
-        c.denoiser.enable_gradient_checkpointing()
-        trained = method.trainable_modules(c)
-        for te in c.text_encoders.values():
-            if any(te is m for m in trained) and hasattr(te, "gradient_checkpointing_enable"):
-                te.gradient_checkpointing_enable()
 
 
 def decide_caching(recipe, dataset, method) -> tuple[bool, bool]:

@@ -14,6 +14,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .distributed import any_process, per_process, summed
+from .peak import watch_memory
 from .steps import NonFinite, Window
 
 
@@ -63,19 +64,27 @@ class Trainer:
         self.non_finite = NonFinite(self.recipe, self.log)
 
     def prepare(self) -> None:
+        from .block_swap import swap_of
         from .feed import build_feed
+        from .memory import Offloaded, offload_part, place_denoiser
         from .optim import build_optimizer, build_scheduler
 
-        r, a = self.run, self.accelerator
-        self.feed = build_feed(r, a)
+        r, a, mem = self.run, self.accelerator, self.recipe.memory
+        self.peaks = watch_memory(r)
+        self.offloaded, self.embed = Offloaded(a.device), None
+        self.feed = build_feed(r, a, self._text_cached)  # captions first: their encoders leave before the VAE works
+        offload_part(self.offloaded, "vae", {"VAE": self.c.vae}, mem.vae, self.feed.latents_precomputed, self.log)
+        place_denoiser(self.c, mem, a.device, self.log)
         self.max_steps = self.tr.max_steps or self.tr.epochs * self.feed.sampler.steps_per_epoch
         self.n_epochs = math.ceil(self.max_steps / self.feed.sampler.steps_per_epoch)
         self._scale_learning_rates()
         optimizer = build_optimizer(r.groups, r.recipe.optimizer, self.tr.learning_rate)
         scheduler = build_scheduler(self.tr, optimizer, self.max_steps, a.num_processes)
         self.trainable = self.method.trainable_modules(self.c)
+        # A model with parked blocks is placed already: accelerate would move them all to the GPU.
+        placement = [swap_of(m) is None for m in self.trainable] + [True, True, True]
         *wrapped, self.optimizer, self.scheduler, self.loader = a.prepare(
-            *self.trainable, optimizer, scheduler, self.feed.loader)
+            *self.trainable, optimizer, scheduler, self.feed.loader, device_placement=placement)
         # The forward pass goes through accelerate's wrappers (DDP syncs gradients there).
         swap = {id(m): w for m, w in zip(self.trainable, wrapped)}
         self.forward_c = replace(self.c, denoiser=swap.get(id(self.c.denoiser), self.c.denoiser),
@@ -86,6 +95,16 @@ class Trainer:
         self.batch_loss = self.feed.batch_loss(self.forward_c)
         if r.resume_from is not None:
             self.resume(r.resume_from)
+
+    def _text_cached(self, precomputed: bool) -> None:
+        """Once every caption is encoded: the validation prompts too, then the text encoders may go."""
+        from .memory import offload_choice, offload_part, validation_embeddings
+
+        mem, a = self.recipe.memory, self.accelerator
+        if offload_choice(mem.text_encoders, precomputed, a.device):
+            self.embed = validation_embeddings(self.run.family, self.c, self.recipe.validation, a.autocast)
+        encoders = {f"text encoder {n}": te for n, te in self.c.text_encoders.items()}
+        offload_part(self.offloaded, "text_encoders", encoders, mem.text_encoders, precomputed, self.log)
 
     @property
     def global_batch(self) -> int:
@@ -224,6 +243,7 @@ class Trainer:
     def validate(self, step: int) -> list[Path]:
         """Sample the validation prompts with the model as it is now (main process; the others wait)."""
         from ..hooks import Provenance
+        from .memory import classifiers_on, onloaded
         from .sampling import Destination, Sampling, emit_images
 
         v, r, a = self.recipe.validation, self.run, self.accelerator
@@ -239,11 +259,13 @@ class Trainer:
             try:
                 how = Sampling(seed=v.seed, n=v.images_per_prompt, steps=v.num_inference_steps,
                                guidance=v.guidance_scale, negative_prompt=v.negative_prompt, width=v.width or res,
-                               height=v.height or res, autocast=a.autocast)
+                               height=v.height or res, autocast=a.autocast, embed=self.embed)
                 where = Destination(r.run_dir / "samples" / f"step-{step:06d}", r.output_hooks, log=self.log,
                                     provenance=Provenance(prompt="", base_model=r.source.label, run=r.run_name,
                                                           kind=f"validation step {step}"))
-                written = emit_images(pipe, v.prompts, how, where)
+                # Sampled from the embeddings made before the text encoders left: only the VAE returns.
+                with onloaded(self.offloaded, ["VAE"]), classifiers_on(r.output_hooks, a.device):
+                    written = emit_images(pipe, v.prompts, how, where)
             finally:
                 for m in self.trainable:
                     m.train()
@@ -276,6 +298,7 @@ class Trainer:
         files = self.method.save(self.c, r.run_dir, self.recipe.output, r.run_name) if a.is_main_process else []
         final_samples = self.validate(st.step)
         self.samples += final_samples
+        self.peaks.report(r)
         if a.is_main_process:
             card = write_model_card(r.run_dir, self.recipe, r.family, self.method, r.source, r.run_name, files,
                                     final_samples, st.losses)
