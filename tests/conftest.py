@@ -28,6 +28,18 @@ def _isolated_cache(tmp_path_factory):
         os.environ["FINETUNE_CACHE"] = old
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy CI box OpenMP workers waiting on each
+    other turn a 30 ms call into seconds. Restored after the module that asks for it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory):
     """A tiny SD1.5 saved as a plain diffusers folder, loaded like any user's local model."""

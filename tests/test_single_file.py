@@ -40,14 +40,7 @@ def _perturb(module, seed, scale=0.05):
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny convolutions gain nothing from threads, and on a busy CI box OpenMP workers waiting on
-    # each other turn a 30 ms UNet call into seconds. Restored after this module.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
