@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import FinetuneError, RecipeError
+from ..families.base import module_device
 
 OFFLOAD_DEVICE = torch.device("cpu")
 FP8 = torch.float8_e4m3fn
@@ -70,7 +71,7 @@ def memory_problems(recipe, available=None, processes: int = 1) -> list[str]:
 
         if why := cache_dir_problem(mem.cache_dir):
             problems.append(f"memory.cache_dir: {why}")
-    if recipe.memory.fp8_base and recipe.method.type == "dreambooth":
+    if mem.fp8_base and recipe.method.type == "dreambooth":
         problems.append("memory.fp8_base: DreamBooth trains the denoiser's own weights, which cannot be "
                         "stored in float8; use it with lora or textual_inversion")
     return problems
@@ -109,10 +110,6 @@ def place_denoiser(c, mem, device: torch.device, log) -> None:
             f"{gib(swap.bytes())} off the {device.type}; each visits it while it runs")
     elif module_device(c.denoiser) != device and mem.quantize_base not in BITSANDBYTES:
         c.denoiser.to(device)
-
-
-def module_device(module) -> torch.device:
-    return next(module.parameters()).device
 
 
 @contextmanager
