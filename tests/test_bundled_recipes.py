@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.recipe import load_recipe
+from finetune.tiny_models import BUILTIN_FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
@@ -22,13 +23,20 @@ EXPECTED = {
 }
 
 
+def _tiny_model(family: str, base: str) -> str:
+    """The built-in tiny model of `family` (of FLUX.2 [klein] for a klein recipe)."""
+    names = [n for n, f in BUILTIN_FAMILIES.items() if f == family and n.startswith("tiny-")]
+    klein = [n for n in names if n.endswith("-klein")]
+    return "builtin:" + (klein[0] if klein and "klein" in base.lower() else names[0])
+
+
 # The quickstarts (one per family) are in the smoke set scripts/check_latest_deps.sh runs.
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.smoke) if "quickstart" in n else n for n in RECIPES])
 def test_bundled_recipe_trains_the_tiny_model(name, tiny_sd15, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # recipes point at datasets/robot, relative to the repository
     recipe, _ = load_recipe(name)
     family = recipe.model.family if recipe.model.family != "auto" else "sd1"
-    tiny = {"sd1": tiny_sd15, "sdxl": "builtin:tiny-sdxl", "flux": "builtin:tiny-flux"}[family]
+    tiny = tiny_sd15 if family == "sd1" else _tiny_model(family, recipe.model.base)
     overrides = [f"model.base={tiny}", "data.resolution=64", "training.max_steps=2", "training.mixed_precision=no",
                  "validation.num_inference_steps=2", "output.save_every_n_steps=null", f"output.dir={tmp_path}",
                  "output.run_name=r", "--no-progress"]

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pydantic import Field, create_model
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -26,9 +25,6 @@ REAL_NAMES = {line.strip() for line in (Path(__file__).parent / "data" / "flux_k
               if line.strip() and not line.startswith("#")}
 INNER = 32  # the tiny model's width (heads x head dim)
 
-# The proposed recipe wiring: FLUX options under `model.flux` (see FluxOptions).
-FluxModelConfig = create_model("FluxModelConfig", __base__=ModelConfig,
-                               flux=(FluxOptions, Field(default_factory=FluxOptions)))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +56,7 @@ def load(model, **options):
     from finetune.families.base import resolve_source
 
     family = get_family("flux")
-    cfg = FluxModelConfig(base=str(model), flux=FluxOptions(**options))
+    cfg = ModelConfig(base=str(model), flow=FluxOptions(**options))
     return family, family.load(resolve_source(str(model)), cfg)
 
 
@@ -388,11 +384,11 @@ def test_model_vae_must_have_flux_latent_channels(tiny_flux, tmp_path):
     from finetune.families.base import resolve_source
 
     family = get_family("flux")
-    c = family.load(resolve_source(str(tiny_flux)), FluxModelConfig(base=str(tiny_flux), vae=str(tiny_flux)))
+    c = family.load(resolve_source(str(tiny_flux)), ModelConfig(base=str(tiny_flux), vae=str(tiny_flux)))
     assert c.vae.config.latent_channels == 16
     AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4).save_pretrained(tmp_path / "sd-vae")
     with pytest.raises(FinetuneError, match="16-channel"):
-        family.load(resolve_source(str(tiny_flux)), FluxModelConfig(base=str(tiny_flux), vae=str(tmp_path / "sd-vae")))
+        family.load(resolve_source(str(tiny_flux)), ModelConfig(base=str(tiny_flux), vae=str(tmp_path / "sd-vae")))
 
 
 def test_single_file_needs_a_config_for_the_rest(tmp_path):
@@ -404,7 +400,7 @@ def test_single_file_needs_a_config_for_the_rest(tmp_path):
     path = tmp_path / "flux1-dev.safetensors"
     save_file({"img_in.weight": torch.zeros(1)}, path)
     with pytest.raises(FinetuneError, match="model.config") as e:
-        get_family("flux").load(resolve_source(str(path)), FluxModelConfig(base=str(path)))
+        get_family("flux").load(resolve_source(str(path)), ModelConfig(base=str(path)))
     assert "\n" not in str(e.value)
 
 

@@ -216,9 +216,10 @@ def _num(x: float) -> str:
     return str(int(x)) if x.is_integer() else repr(x)
 
 
-def _modelspec(base_model_version: str, output_name: str | None) -> dict[str, str]:
-    """The SAI ModelSpec keys webui and ComfyUI show; none for a family ModelSpec has no name for."""
-    arch, resolution, prediction = _MODELSPEC.get(base_model_version, (None, None, None))
+def _modelspec(base_model_version: str, output_name: str | None, given=None) -> dict[str, str]:
+    """The SAI ModelSpec keys webui and ComfyUI show (`given`, or by kohya's version name); none for a
+    family ModelSpec has no name for."""
+    arch, resolution, prediction = given or _MODELSPEC.get(base_model_version, (None, None, None))
     if arch is None:
         return {}
     meta = {
@@ -243,6 +244,7 @@ def kohya_metadata(
     trains_text_encoder: bool | None = None,
     base_model_name: str | None = None,
     training: Mapping[str, Any] | None = None,
+    modelspec: tuple[str, str, str | None] | None = None,
 ) -> dict[str, str]:
     """The string metadata kohya's sd-scripts puts in a LoRA .safetensors, limited to what we know.
 
@@ -252,7 +254,8 @@ def kohya_metadata(
     When given: `ss_output_name`, `ss_sd_model_name` (the base model's file or folder name, as
     kohya writes it), and `training` entries such as {"learning_rate": 1e-4, "seed": 0} written as
     `ss_<key>` (kohya's names: learning_rate, unet_lr, text_encoder_lr, max_train_steps, num_epochs,
-    seed, mixed_precision, lr_scheduler, ...; dicts and lists are JSON-encoded). Nothing is written
+    seed, mixed_precision, lr_scheduler, ...; dicts and lists are JSON-encoded); `modelspec`
+    (architecture, resolution, prediction type) for a family the version table does not name. Nothing is written
     as "None". The file hash (`sshs_model_hash`) is added by `save_kohya_lora`, which sees the tensors.
     """
     meta: dict[str, str] = {
@@ -271,7 +274,7 @@ def kohya_metadata(
             continue
         key = key if key.startswith("ss_") else f"ss_{key}"
         meta[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
-    meta.update(_modelspec(base_model_version, output_name))
+    meta.update(_modelspec(base_model_version, output_name, modelspec))
     if trains_text_encoder is not None:
         meta["finetune.trains_text_encoder"] = str(bool(trains_text_encoder))
     try:

@@ -145,25 +145,58 @@ class Components:
 
 class Family:
     name: ClassVar[str]
+    title: ClassVar[str] = ""  # what users call it, in messages ("FLUX.1", "SD3/SD3.5")
     pipeline_class: ClassVar[Any]
     pipeline_class_names: ClassVar[tuple[str, ...]] = ()
     lora_targets: ClassVar[list[str] | str]
     text_encoder_lora_targets: ClassVar[list[str]]
-    # The text encoders a text-encoder LoRA adapts (None: all); FLUX's T5 stays frozen.
+    # The pipeline's text encoders, by attribute name: known before anything loads.
+    text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    # The text encoders a text-encoder LoRA adapts (None: all; (): none); FLUX's T5 stays frozen.
     trainable_text_encoders: ClassVar[tuple[str, ...] | None] = None
+    # Methods this family does not train -> what to use instead (finetune validate says it in one line).
+    refused_methods: ClassVar[dict[str, str]] = {}
     kohya_text_encoder_prefixes: ClassVar[dict[str, str]]
     kohya_base_model_version: ClassVar[str]
+    # SAI ModelSpec (architecture, resolution, prediction type or None) for kohya-layout files, as kohya,
+    # musubi-tuner and ComfyUI write it; None: looked up from kohya_base_model_version (export/lora.py).
+    modelspec: ClassVar[tuple[str, str, str | None] | None] = None
     default_resolution: ClassVar[int] = 512
     # The denoiser's name in the diffusers pipeline and its LoRA files ("unet", "transformer").
     denoiser_component: ClassVar[str] = "unet"
     # The apps that load this family's kohya-layout files (named in model cards).
     kohya_apps: ClassVar[str] = "ComfyUI, AUTOMATIC1111 and Forge"
+    # Whether `save_single_file` writes a checkpoint an app loads (DreamBooth writes one where there is).
+    has_single_file: ClassVar[bool] = False
     # Text encoder -> tensor name in a webui/ComfyUI embedding file (textual inversion).
     embedding_keys: ClassVar[dict[str, str]] = {"text_encoder": "emb_params"}
 
     @classmethod
     def matches(cls, model_index: dict) -> bool:
         return model_index.get("_class_name") in cls.pipeline_class_names
+
+    @classmethod
+    def adaptable_text_encoders(cls) -> tuple[str, ...]:
+        return cls.text_encoder_names if cls.trainable_text_encoders is None else cls.trainable_text_encoders
+
+    def method_problem(self, method) -> str | None:
+        """Why a recipe's `method` section cannot train this family, as one `key.path: reason` line
+        naming what can; None when it can. Checked by `finetune validate`, before any model loads."""
+        title = self.title or self.name
+        if method.type in self.refused_methods:
+            return f"method.type: {method.type} is not available for {title}; {self.refused_methods[method.type]}"
+        trainable = self.adaptable_text_encoders()
+        if getattr(method, "train_text_encoder", False) and not trainable:
+            return (f"method.train_text_encoder: {title}'s reference trainers train no text-encoder LoRA, nor do we; "
+                    "set it to false (the transformer's LoRA learns the trigger word)")
+        if getattr(method, "single_file", None) and not self.has_single_file:
+            return (f"method.single_file: {title} has no single-file checkpoint format we write; unset it (the "
+                    "diffusers folder model/ is saved)")
+        if getattr(method, "text_encoder_2_lr", None) and "text_encoder_2" not in trainable:
+            only = " and ".join(trainable) or "no text encoder"
+            return (f"method.text_encoder_2_lr: {title} trains {only} with a text-encoder LoRA, no text_encoder_2; "
+                    "unset it (method.text_encoder_lr is the text encoder's rate)")
+        return None
 
     def load(self, source: ModelSource, cfg, dtype: torch.dtype | None = None,
              device: torch.device | str | None = None, vae_dtype: torch.dtype | None = None,
@@ -198,6 +231,10 @@ class Family:
         the pipeline's own `encode_prompt` where the text encoders are: samples made later need no text
         encoder on the GPU."""
         raise NotImplementedError
+
+    def base_model_version(self, c: Components) -> str:
+        """kohya's `ss_base_model_version` for the loaded model (a family may span versions: SD1.x/2.x)."""
+        return self.kohya_base_model_version
 
     def kohya_lora(self, denoiser_state, text_encoder_states, denoiser_alpha: float,
                    text_encoder_alphas: dict[str, float]) -> dict[str, torch.Tensor]:

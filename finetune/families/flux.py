@@ -5,7 +5,7 @@ states, CLIP-L's pooled output and, for [dev] (guidance-distilled), a guidance e
 Objective: noisy = (1 - sigma) * latents + sigma * noise, target = noise - latents (the velocity
 the transformer predicts), sigma drawn per image as `FluxOptions.timestep_sampling` says, then
 shifted the way the model samples: "auto" uses the base model's scheduler, i.e. the
-resolution-dependent shift for [dev] and none for [schnell].
+resolution-dependent shift for [dev] and none for [schnell] (`_flow.py`, the recipe's `model.flow`).
 
 Only CLIP-L can take a LoRA besides the transformer; T5 always stays frozen and runs without
 gradients (with CLIP-L frozen too, the loop caches both encoders' outputs per caption).
@@ -20,13 +20,11 @@ its converter has them written in for the single blocks' linear1).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING
 
-from pydantic import Field, model_validator
-
-from ..config_base import Section
 from ..errors import FinetuneError
 from . import register_family
+from ._flow import FlowOptions, draw_sigmas, flow_loss_weights, flow_options, guidance_value, noisy_and_target, shift_sigmas
 from .base import Components, Family, ModelSource, component_dtypes, dtype_kwargs, load_vae, module_device, place
 from .quantize import load_denoiser
 
@@ -41,47 +39,10 @@ T5_MAX_LENGTH = 512
 MLP_RATIO = 4  # FLUX.1 single-block MLP width / model width (linear1 holds q, k, v and the MLP input)
 
 
-class FluxOptions(Section):
-    """FLUX-only recipe keys, under `model.flux`."""
-
-    guidance_scale: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False, description=(
-        "Guidance embedding during training ([dev] only; [schnell] has none). 1.0 is what kohya's sd-scripts "
-        "and ai-toolkit recommend; diffusers' example uses 3.5. Sampling still uses validation.guidance_scale."))
-    timestep_sampling: Literal["logit_normal", "uniform", "mode"] = Field("logit_normal", description=(
-        "How sigma is drawn per image: logit_normal = sigmoid of a normal (SD3/FLUX; kohya's 'sigmoid'), "
-        "uniform, or mode (SD3 paper's mode sampling)."))
-    logit_mean: float = Field(0.0, ge=-10.0, le=10.0, allow_inf_nan=False,
-                              description="logit_normal: mean of the normal.")
-    logit_std: float = Field(1.0, gt=0, le=10.0, allow_inf_nan=False,
-                             description="logit_normal: its standard deviation (kohya's sigmoid_scale).")
-    mode_scale: float = Field(1.29, ge=-1.0, le=1.75, allow_inf_nan=False, description=(
-        "mode: the SD3 paper's scale; its range, -1 to 2/(pi-2), keeps sigma monotonic in [0, 1]."))
-    timestep_shift: Literal["auto"] | Annotated[float, Field(gt=0, le=100.0, allow_inf_nan=False)] = Field(
-        "auto", description=(
-            "Shift sigma toward noise: auto = as the model samples (resolution-dependent for [dev], like kohya's "
-            "flux_shift; none for [schnell]); a number = that fixed shift (kohya's discrete_flow_shift, e.g. "
-            "3.1582); 1 = none."))
-    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
-        "none", description="Per-sample loss weights from the SD3 paper (diffusers' compute_loss_weighting_for_sd3).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _moved_keys(cls, data):
-        # Without this, an old recipe gets pydantic's "extra inputs are not permitted" and no hint.
-        if isinstance(data, dict) and "quantize" in data:
-            old = data["quantize"]
-            now = f"memory.quantize_base={old}" if old in ("none", "int8", "nf4") else "memory.quantize_base"
-            raise ValueError(f"quantize: moved to memory.quantize_base (for every family: none, int8, nf4 or "
-                             f"torchao-int8); write {now} instead")
-        return data
-
-
-def flux_options(model_cfg) -> FluxOptions:
-    """The FLUX options of a recipe's `model` section (defaults for a bare ModelConfig-like object)."""
-    opts = getattr(model_cfg, "flux", None)
-    if opts is None:
-        return FluxOptions()
-    return opts if isinstance(opts, FluxOptions) else FluxOptions.model_validate(opts)
+# FLUX.1's options are every flow family's (`model.flow`; `model.flux` is the older name).
+FluxOptions = FlowOptions
+# FLUX.1 [dev] trains with guidance 1.0, as kohya's sd-scripts and ai-toolkit recommend (diffusers' example: 3.5).
+TRAIN_GUIDANCE = 1.0
 
 
 # peft matches a string target as a regular expression on the whole module name. A list of suffixes
@@ -187,8 +148,9 @@ def flux_to_kohya(state, alpha: float) -> dict[str, torch.Tensor]:
 @register_family("flux")
 class FluxFamily(Family):
     name = "flux"
+    title = "FLUX.1"
+    text_encoder_names = ("text_encoder", "text_encoder_2")
     pipeline_class_names = ("FluxPipeline",)
-    Options = FluxOptions  # this family's own recipe section (proposed: `model.flux`)
     # Every Linear of the double- and single-stream blocks except the AdaLN modulations: kohya's FLUX
     # coverage (img/txt attention q/k/v and output, both MLPs; single blocks' linear1 and linear2)
     # in diffusers' names, and a superset of diffusers' example (which leaves single blocks' MLP and
@@ -214,7 +176,7 @@ class FluxFamily(Family):
              quantize: str = "none") -> Components:
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-        opts = flux_options(cfg)
+        opts = flow_options(cfg)
         if source.kind == "single_file" and not cfg.config:
             # FLUX single files (flux1-dev.safetensors) hold the transformer only.
             raise FinetuneError(f"model.config: {source.label} holds only FLUX's transformer; set model.config "
@@ -290,42 +252,27 @@ class FluxFamily(Family):
         return sum(len(tok(cap).input_ids) > T5_MAX_LENGTH for cap in captions)
 
     def sample_noisy(self, c: Components, latents: torch.Tensor, noise_offset: float = 0.0):
-        import torch
-
         # 2x2 packing needs even latent sides; small buckets (8-pixel steps) can give odd ones, and
         # dropping one latent row/column (8 pixels) costs less than refusing the image.
         h, w = latents.shape[-2] // 2 * 2, latents.shape[-1] // 2 * 2
         if h == 0 or w == 0:
             raise FinetuneError(f"FLUX needs images of at least 16x16 pixels; got latents of {tuple(latents.shape[-2:])}")
         latents = latents[..., :h, :w]
-        noise = torch.randn_like(latents)
-        if noise_offset:
-            noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
-                                                       device=latents.device, dtype=latents.dtype)
         sigmas = self.sample_sigmas(c, latents.shape[0], image_seq_len=(h // 2) * (w // 2), device=latents.device)
-        s = sigmas.view(-1, 1, 1, 1).to(latents.dtype)
-        noisy = (1.0 - s) * latents + s * noise
-        timesteps = sigmas * c.noise_scheduler.config.num_train_timesteps
-        return noisy, timesteps, noise - latents
+        noisy, target = noisy_and_target(latents, sigmas, noise_offset)
+        return noisy, sigmas * c.noise_scheduler.config.num_train_timesteps, target
 
     def sample_sigmas(self, c: Components, n: int, image_seq_len: int, device=None) -> torch.Tensor:
         """n noise levels in (0, 1), drawn and shifted as the options say (float32)."""
-        import torch
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
-        opts: FluxOptions = c.extras["flux"]
-        scheme = "none" if opts.timestep_sampling == "uniform" else opts.timestep_sampling
-        sigmas = compute_density_for_timestep_sampling(scheme, n, logit_mean=opts.logit_mean, logit_std=opts.logit_std,
-                                                       mode_scale=opts.mode_scale).to(device, torch.float32)
-        sched = c.noise_scheduler
-        if opts.timestep_shift == "auto" and sched.config.use_dynamic_shifting:
+        def mu():
             from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-            cfg = sched.config
-            mu = calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
-            return sched.time_shift(mu, 1.0, sigmas)
-        shift = sched.config.shift if opts.timestep_shift == "auto" else opts.timestep_shift
-        return shift * sigmas / (1 + (shift - 1) * sigmas)
+            cfg = c.noise_scheduler.config
+            return calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift,
+                                   cfg.max_shift)
+
+        opts = c.extras["flux"]
+        return shift_sigmas(opts, c.noise_scheduler, draw_sigmas(opts, n, device), mu)
 
     def predict(self, c: Components, noisy, timesteps, cond) -> torch.Tensor:
         import torch
@@ -336,7 +283,8 @@ class FluxFamily(Family):
         prompt_embeds = cond["prompt_embeds"].to(device, dtype)
         guidance = None
         if c.extras["guidance_embeds"]:
-            guidance = torch.full((b,), c.extras["flux"].guidance_scale, device=device, dtype=torch.float32)
+            scale = guidance_value(c.extras["flux"], TRAIN_GUIDANCE)
+            guidance = torch.full((b,), scale, device=device, dtype=torch.float32)
         out = c.denoiser(
             hidden_states=FluxPipeline._pack_latents(noisy, b, ch, h, w),
             timestep=(timesteps / c.noise_scheduler.config.num_train_timesteps).to(dtype),
@@ -351,16 +299,7 @@ class FluxFamily(Family):
         return FluxPipeline._unpack_latents(out, h * vae_scale, w * vae_scale, vae_scale)
 
     def loss_weights(self, c: Components, timesteps, min_snr_gamma):
-        if min_snr_gamma:
-            raise FinetuneError("training.min_snr_gamma: Min-SNR weighting is for epsilon/v-prediction models; FLUX "
-                                "trains with flow matching (unset it; model.flux.loss_weighting has its weightings)")
-        scheme = c.extras["flux"].loss_weighting
-        if scheme == "none":
-            return None
-        from diffusers.training_utils import compute_loss_weighting_for_sd3
-
-        sigmas = timesteps.float() / c.noise_scheduler.config.num_train_timesteps
-        return compute_loss_weighting_for_sd3(scheme, sigmas)
+        return flow_loss_weights(c.extras["flux"], c.noise_scheduler, timesteps, min_snr_gamma, "FLUX")
 
     def kohya_lora(self, denoiser_state, text_encoder_states, denoiser_alpha, text_encoder_alphas):
         from ..export.lora import peft_to_kohya

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 @register_family("sd1")
 class SD1Family(Family):
     name = "sd1"
+    title = "SD1.x/2.x"
+    has_single_file = True
     pipeline_class_names = ("StableDiffusionPipeline",)
     # Attention, projections and feed-forward of every transformer block: what kohya's LoRA trains.
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -26,6 +28,12 @@ class SD1Family(Family):
     kohya_text_encoder_prefixes = {"text_encoder": "lora_te"}
     kohya_base_model_version = "sd_v1"
     text_encoder_names = ("text_encoder",)  # pipeline attributes; tokenizers are named alike
+
+    def base_model_version(self, c: Components) -> str:
+        # SD2.x is this family too: its text encoder is OpenCLIP-H (width 1024; CLIP-L's is 768).
+        if c.text_encoders["text_encoder"].config.hidden_size != 1024:
+            return self.kohya_base_model_version
+        return "sd_v2_v" if c.noise_scheduler.config.prediction_type == "v_prediction" else "sd_v2"
 
     @property
     def pipeline_class(self):

@@ -25,11 +25,15 @@ if TYPE_CHECKING:
 @register_family("sdxl")
 class SDXLFamily(SD1Family):
     name = "sdxl"
+    title = "SDXL"
     pipeline_class_names = ("StableDiffusionXLPipeline",)
     text_encoder_names = ("text_encoder", "text_encoder_2")
     kohya_text_encoder_prefixes = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     kohya_base_model_version = "sdxl_base_v1-0"
     embedding_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+
+    def base_model_version(self, c: Components) -> str:
+        return self.kohya_base_model_version
     default_resolution = 1024
 
     @property

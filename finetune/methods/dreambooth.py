@@ -30,7 +30,9 @@ class DreamBoothConfig(Section):
     train_text_encoder: bool = Field(False, description="Also fine-tune the text encoder (helps identity, costs memory).")
     text_encoder_lr: float | None = Field(None, gt=0, le=10.0, allow_inf_nan=False,
                                           description="Text-encoder learning rate; default = training.learning_rate.")
-    single_file: bool = Field(True, description="Also write one original-layout .safetensors checkpoint.")
+    single_file: bool | None = Field(None, description=(
+        "Also write one original-layout .safetensors checkpoint; unset: where the family has that format "
+        "(SD1.x/2.x, SDXL, FLUX.1)."))
 
 
 @register_method("dreambooth")
@@ -47,14 +49,18 @@ class DreamBoothMethod(Method):
         c.denoiser.requires_grad_(True)
         groups = [{"params": list(c.denoiser.parameters()), "lr": self.training.learning_rate}]
         if self.cfg.train_text_encoder:
-            for te in c.text_encoders.values():
+            for te in self._text_encoders(c):
                 te.requires_grad_(True)
                 groups.append({"params": list(te.parameters()),
                                "lr": self.cfg.text_encoder_lr or self.training.learning_rate})
         return groups
 
+    def _text_encoders(self, c) -> list[torch.nn.Module]:
+        # The family's adaptable encoders only: FLUX.1's T5 stays frozen here as under LoRA.
+        return [c.text_encoders[n] for n in self.family.adaptable_text_encoders() if n in c.text_encoders]
+
     def trainable_modules(self, c) -> list[torch.nn.Module]:
-        return [c.denoiser, *(c.text_encoders.values() if self.cfg.train_text_encoder else [])]
+        return [c.denoiser, *(self._text_encoders(c) if self.cfg.train_text_encoder else [])]
 
     def save(self, c, folder: Path, output, name: str) -> list[Path]:
         from ..files import save_pretrained_atomically
@@ -64,7 +70,7 @@ class DreamBoothMethod(Method):
         if "diffusers" in output.formats:
             # The trained weights as they are (fp32 master weights).
             written.append(save_pretrained_atomically(c.pipeline, folder / MODEL_DIR))
-        if self.cfg.single_file:
+        if self.cfg.single_file is not False and self.family.has_single_file:
             written.append(self.family.save_single_file(c, folder / f"{name}.safetensors", save_dtype(output.save_dtype)))
         return written
 

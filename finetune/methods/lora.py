@@ -34,7 +34,8 @@ class LoraConfig(Section):
                                           description="Text-encoder learning rate; default = training.learning_rate.")
     text_encoder_2_lr: float | None = Field(
         None, gt=0, le=10.0, allow_inf_nan=False,
-        description="The second text encoder's rate (SDXL's OpenCLIP bigG); default = text_encoder_lr.")
+        description=("The second text encoder's rate (SDXL's OpenCLIP bigG, SD3's CLIP-G); default = text_encoder_lr. "
+                     "Refused for families whose text-encoder LoRA has no second encoder (SD1.x, FLUX.1)."))
     init_lora_weights: Literal["default", "gaussian"] = "default"
 
 
@@ -77,7 +78,7 @@ class LoraMethod(Method):
         if self.cfg.train_text_encoder:
             te_lr = self.cfg.text_encoder_lr or self.training.learning_rate
             lrs = {"text_encoder_2": self.cfg.text_encoder_2_lr or te_lr}
-            for name in self.family.trainable_text_encoders or list(c.text_encoders):
+            for name in self.family.adaptable_text_encoders():
                 te = c.text_encoders[name]
                 config = self._peft_config(
                     self.cfg.text_encoder_rank or self.cfg.rank,
@@ -118,7 +119,8 @@ class LoraMethod(Method):
                 unet_state, te_states, kohya_alpha(self.unet_config),
                 {n: kohya_alpha(cfg) for n, cfg in self.text_encoder_configs.items()})
             meta = kohya_metadata(
-                base_model_version=self.family.kohya_base_model_version, rank=self.unet_config.r,
+                base_model_version=self.family.base_model_version(c), modelspec=self.family.modelspec,
+                rank=self.unet_config.r,
                 alpha=kohya_alpha(self.unet_config), output_name=name,
                 trains_text_encoder=bool(self.text_encoder_configs),
                 base_model_name=_base_model_name(c.source.label), training=self._kohya_training())

@@ -285,13 +285,23 @@ def reference_problems(recipe: Recipe, base_dir: Path | None) -> list[str]:
     return problems
 
 
+def method_problems(recipe: Recipe) -> list[str]:
+    """The family x method pair, where the family is known before loading: a pair that cannot train
+    is refused in one line naming what can."""
+    from ..families import known_family
+
+    family = known_family(recipe.model)
+    why = family.method_problem(recipe.method) if family else None
+    return [why] if why else []
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
     """Load, inherit, override and validate a recipe, and check what it points at exists, before
     any model loads. Returns the recipe and its file's path."""
     file = find_recipe(path)
     data = apply_overrides(load_raw(file), overrides or [])
     recipe = validate(data, str(file))
-    problems = reference_problems(recipe, file.parent)
+    problems = reference_problems(recipe, file.parent) + method_problems(recipe)
     if problems:
         raise RecipeError([f"{file}: {p}" for p in problems])
     return recipe, file

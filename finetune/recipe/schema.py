@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Union  # noqa: F401
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ..config_base import Section as _Section
-from ..families.flux import FluxOptions
+from ..families._flow import FlowOptions
 
 # Upper bounds: far past any real run, low enough that a typo (an extra zero or three) is refused
 # here rather than as a MemoryError, or a run that would not end, after the model has loaded.
@@ -47,12 +47,21 @@ class ModelConfig(Section):
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="Override the scheduler's prediction type (v_prediction for SD2.x 768 models).")
     allow_pickle: bool = Field(False, description="Allow loading pickled .ckpt/.bin weights (unsafe).")
-    flux: FluxOptions = Field(default_factory=FluxOptions, description=(
-        "FLUX.1 only: timestep sampling and shift, guidance embedding, loss weighting "
-        "(finetune/families/flux.py); a quantized base is memory.quantize_base."))
+    flow: FlowOptions = Field(default_factory=FlowOptions, description=(
+        "Rectified-flow families (FLUX.1, SD3, FLUX.2, Qwen-Image, Z-Image): timestep sampling and shift, "
+        "guidance embedding, loss weighting (finetune/families/_flow.py)."))
+    flux: FlowOptions | None = Field(None, description="The older name of model.flow; still read.")
     vae: str | None = Field(None, description=(
         "A different VAE (diffusers folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix. The VAE runs in "
         "fp32 during training either way; samples and generation use it as loaded."))
+
+    @model_validator(mode="after")
+    def _older_flow_name(self):
+        if self.flux is not None:
+            if "flow" in self.model_fields_set:
+                raise ValueError("flux: the older name of model.flow; keep one of the two")
+            self.flow, self.flux = self.flux, None
+        return self
 
     @field_validator("family")
     @classmethod

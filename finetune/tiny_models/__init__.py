@@ -31,7 +31,18 @@ BUILTIN_MODELS = {TINY_SD15: _builder(".sd15", "build_tiny_sd15"),
                   "tiny-sdxl": _builder(".sdxl", "build_tiny_sdxl"),
                   "sdxl-full-random": _builder(".sdxl", "build_sdxl_full_random"),
                   "tiny-flux": _builder(".flux", "build_tiny_flux"),
-                  "flux-full-random": _builder(".flux", "build_flux_full_random")}
+                  "flux-full-random": _builder(".flux", "build_flux_full_random"),
+                  "tiny-sd3": _builder(".sd3", "build_tiny_sd3"),
+                  "tiny-flux2": _builder(".flux2", "build_tiny_flux2"),
+                  "tiny-flux2-klein": _builder(".flux2", "build_tiny_flux2_klein"),
+                  "tiny-qwen-image": _builder(".qwen_image", "build_tiny_qwen_image"),
+                  "tiny-z-image": _builder(".z_image", "build_tiny_z_image")}
+
+# The family of each built-in model, known without building it (`finetune validate` checks the
+# family x method pair before anything is built).
+BUILTIN_FAMILIES = {"tiny-sd15": "sd1", "sd15-full-random": "sd1", "tiny-sdxl": "sdxl", "sdxl-full-random": "sdxl",
+                    "tiny-flux": "flux", "flux-full-random": "flux", "tiny-sd3": "sd3", "tiny-flux2": "flux2",
+                    "tiny-flux2-klein": "flux2", "tiny-qwen-image": "qwen_image", "tiny-z-image": "z_image"}
 
 
 def resolve_builtin(name: str) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from ..errors import RecipeError
 from . import checkpoint as ckpt
 from .memory import check_memory_options
 from .preflight import preflight
@@ -32,6 +33,8 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     reset_peak(state.device)  # the measured peak covers loading and class images too
     log = log if state.is_main_process else _silent
     family, source = resolve_family(recipe.model)
+    if why := family.method_problem(recipe.method):  # also for a recipe built in Python, or a hub model
+        raise RecipeError([why])
     recipe = concrete_precision(recipe, family)
     check_memory_options(recipe, state.num_processes)
     base_dir = recipe_path.parent if recipe_path else None

@@ -173,7 +173,7 @@ def _target_problems(method, family, source, index, revision) -> list[str]:
                                family.lora_targets)
     te_targets = getattr(method, "text_encoder_target_modules", None)
     if te_targets and getattr(method, "train_text_encoder", False):
-        names = family.trainable_text_encoders or [n for n in ("text_encoder", "text_encoder_2") if index.get(n)]
+        names = [n for n in family.adaptable_text_encoders() if index.get(n)]
         encoders = [meta_component(source, index, n, revision) for n in names]
         problems += _unmatched("method.text_encoder_target_modules", te_targets, encoders, " / ".join(names),
                                family.text_encoder_lora_targets)

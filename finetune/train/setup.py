@@ -16,16 +16,17 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 def resolve_family(model_cfg):
     """The family and the source of the base model described by a recipe's `model` section."""
-    from ..families import detect_family, get_family
+    from ..families import detect_family, get_family, known_family
     from ..families.base import resolve_source
 
     source = resolve_source(model_cfg.base, model_cfg.allow_pickle)
-    if model_cfg.family != "auto":
-        return get_family(model_cfg.family), source
+    family = known_family(model_cfg)
+    if family is not None:
+        return family, source
     index = source.model_index()
     if index is None:
         return get_family("sd1"), source  # single files and hub ids: SD1.x/2.x unless told otherwise
-    return detect_family(index), source
+    return detect_family(index), source  # a folder no family claims: one line naming the families
 
 
 def make_accelerator(training):
