@@ -262,6 +262,11 @@ def run_pipeline(pipe, autocast: Callable | None = None, **kwargs) -> list:
     overflow there into black images; so the pipeline returns latents and `decode_latents` makes the
     pixels. On the CPU without autocast the images are those of a plain pipeline call. A stand-in
     without a VAE (or with `output_type` asked for) is called as it is."""
+    from .families import pipeline_family
+
+    family = pipeline_family(pipe)
+    if family is not None and "guidance_scale" in kwargs:
+        kwargs[family.guidance_keyword] = kwargs.pop("guidance_scale")
     device = pipeline_device(pipe)
     ctx = autocast() if autocast else no_autocast(device.type)
     if getattr(pipe, "vae", None) is None or not hasattr(pipe, "image_processor") or "output_type" in kwargs:
@@ -282,16 +287,18 @@ def decode_latents(pipe, latents, height: int | None = None, width: int | None =
     vae = pipe.vae
     cfg = vae.config
     latents = latents.float()  # scaled in fp32 whatever the model ran in (a no-op for an fp32 model)
-    if latents.ndim == 3:  # packed 2x2 patches (FLUX): unpack to (batch, channels, h, w)
+    if latents.ndim == 3:  # packed 2x2 patches (FLUX, Qwen-Image): unpack to (batch, channels[, 1], h, w)
         scale = pipe.vae_scale_factor
         default = pipe.default_sample_size * scale
         latents = pipe._unpack_latents(latents, height or default, width or default, scale)
+    frames = latents.ndim == 5  # a video-style VAE (Qwen-Image's): one frame per image
     mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
     if mean is not None and std is not None:
-        c = latents.shape[1]
-        mean = torch.tensor(mean).view(1, c, 1, 1).to(latents.device, latents.dtype)
-        std = torch.tensor(std).view(1, c, 1, 1).to(latents.device, latents.dtype)
-        latents = latents * std / cfg.scaling_factor + mean
+        shape = (1, latents.shape[1]) + (1,) * (latents.ndim - 2)
+        mean = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+        # Qwen-Image's VAE has no scaling_factor: its latents are normalised by mean and std alone.
+        latents = latents * std / getattr(cfg, "scaling_factor", 1.0) + mean
     else:
         latents = latents / cfg.scaling_factor
         if getattr(cfg, "shift_factor", None) is not None:
@@ -308,6 +315,8 @@ def decode_latents(pipe, latents, height: int | None = None, width: int | None =
         param = next(vae.parameters())
         with torch.no_grad():
             image = vae.decode(latents.to(param.device, param.dtype), return_dict=False)[0]
+        if frames:
+            image = image[:, :, 0]
     finally:
         if upcast:
             vae.to(dtype=torch.float16)

@@ -25,7 +25,8 @@ def _write(tmp_path, **sections) -> Path:
 
 
 @pytest.mark.parametrize("base,family", [("builtin:tiny-sd15", "sd1"), ("builtin:tiny-flux", "flux"),
-                                         ("builtin:tiny-sdxl", "sdxl")])
+                                         ("builtin:tiny-sdxl", "sdxl"), ("builtin:tiny-sd3", "sd3"),
+                                         ("builtin:tiny-z-image", "z_image")])
 def test_family_of_a_builtin_is_known_without_building_it(base, family, monkeypatch, tmp_path):
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path))  # an empty cache: nothing is built
     assert known_family(ModelConfig(base=base)).name == family
@@ -40,7 +41,7 @@ def test_family_of_a_folder_comes_from_its_model_index(tmp_path):
 
 
 @pytest.mark.parametrize("base,refused", [("builtin:tiny-sd15", True), ("builtin:tiny-flux", True),
-                                          ("builtin:tiny-sdxl", False)])
+                                          ("builtin:tiny-sdxl", False), ("builtin:tiny-sd3", False)])
 def test_text_encoder_2_lr_is_refused_where_there_is_no_second_trained_encoder(base, refused, tmp_path):
     path = _write(tmp_path, model={"base": base},
                   method={"type": "lora", "train_text_encoder": True, "text_encoder_2_lr": 1e-5})

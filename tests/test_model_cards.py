@@ -12,7 +12,7 @@ from .conftest import TOKEN
 
 CASES = [("sd1", "lora"), ("sd1", "textual_inversion"), ("sd1", "pivotal"), ("sd1", "dreambooth"),
          ("sdxl", "lora"), ("sdxl", "textual_inversion"), ("sdxl", "pivotal"), ("sdxl", "dreambooth"),
-         ("flux", "lora")]
+         ("flux", "lora"), ("flux", "pivotal"), ("flux", "dreambooth")]
 
 
 def card_code(run_dir) -> str:
@@ -32,13 +32,16 @@ def run_card(run_dir, cwd) -> dict:
     return namespace
 
 
-def _adapters_loaded(pipe, method):
+def _adapters_loaded(pipe, method, family):
     """What the card's code must have put into the pipeline for this method."""
     if method in ("textual_inversion", "pivotal"):
-        for name in ("tokenizer", "tokenizer_2"):
-            tok = getattr(pipe, name, None)
-            if tok is not None:  # each tokenizer knows the token (SDXL: the second one too)
-                assert tok.convert_tokens_to_ids(TOKEN) != tok.unk_token_id, f"{name} does not know {TOKEN}"
+        from finetune.families import get_family
+
+        # Each tokenizer of an encoder that learns the token knows it (SDXL: both; FLUX.1: CLIP-L's only).
+        for encoder in get_family(family).embedding_keys:
+            name = encoder.replace("text_encoder", "tokenizer")
+            tok = getattr(pipe, name)
+            assert tok.convert_tokens_to_ids(TOKEN) != tok.unk_token_id, f"{name} does not know {TOKEN}"
     if method in ("lora", "pivotal"):
         assert pipe.get_list_adapters(), "no LoRA loaded"
 
@@ -50,7 +53,7 @@ def test_model_card_code_runs_and_loads_the_adapter(tiny_run, tmp_path, family, 
     ns = run_card(run_dir, tmp_path)
     with Image.open(tmp_path / "sample.png") as image:
         assert image.size == (64, 64)  # the size the run's samples use
-    _adapters_loaded(ns["pipe"], method)
+    _adapters_loaded(ns["pipe"], method, family)
 
 
 @pytest.mark.parametrize("family", ["sd1", "flux"])

@@ -18,10 +18,10 @@ def _trigger_words(recipe) -> list[str]:
     return words
 
 
-def _generate_line(recipe, prompt: str) -> str:
+def _generate_line(recipe, family, prompt: str) -> str:
     """The pipeline call with the settings the run's samples were made with."""
     v = recipe.validation
-    args = [repr(prompt), f"num_inference_steps={v.num_inference_steps}", f"guidance_scale={v.guidance_scale}",
+    args = [repr(prompt), f"num_inference_steps={v.num_inference_steps}", f"{family.guidance_keyword}={v.guidance_scale}",
             f"width={v.width or recipe.data.resolution}", f"height={v.height or recipe.data.resolution}"]
     if v.negative_prompt:
         args.insert(1, f"negative_prompt={v.negative_prompt!r}")
@@ -120,7 +120,7 @@ def write_model_card(run_dir: Path, recipe, family, method, source, run_name: st
         "",
         "```python",
         *method.usage(cls, load, Path(run_dir).resolve(), [Path(f).resolve() for f in files]),
-        _generate_line(recipe, (recipe.validation.prompts or triggers or ["a photo"])[0]),
+        _generate_line(recipe, family, (recipe.validation.prompts or triggers or ["a photo"])[0]),
         'image.save("sample.png")',
         "```",
         "",

@@ -25,6 +25,12 @@ def detect_family(model_index: dict) -> Family:
         f"set model.family to one of: {', '.join(FAMILIES.names())}")
 
 
+def pipeline_family(pipe) -> Family | None:
+    """The family whose diffusers pipeline `pipe` is; None for any other pipeline."""
+    name = type(pipe).__name__
+    return next((cls() for _, cls in FAMILIES.items() if name in cls.pipeline_class_names), None)
+
+
 def known_family(model_cfg) -> Family | None:
     """The family a recipe's `model` section will load, found without loading or building anything:
     `model.family`, a built-in model's, or the pipeline class in a local folder's or the hub cache's

@@ -160,14 +160,24 @@ class Family:
     kohya_base_model_version: ClassVar[str]
     # SAI ModelSpec (architecture, resolution, prediction type or None) for kohya-layout files, as kohya,
     # musubi-tuner and ComfyUI write it; None: looked up from kohya_base_model_version (export/lora.py).
+    # May be a property reading the loaded model (SD3: its release).
     modelspec: ClassVar[tuple[str, str, str | None] | None] = None
     default_resolution: ClassVar[int] = 512
     # The denoiser's name in the diffusers pipeline and its LoRA files ("unet", "transformer").
     denoiser_component: ClassVar[str] = "unet"
     # The apps that load this family's kohya-layout files (named in model cards).
     kohya_apps: ClassVar[str] = "ComfyUI, AUTOMATIC1111 and Forge"
+    # The pipeline's keyword for the sampling guidance (`validation.guidance_scale`, generate's --guidance);
+    # Qwen-Image's is true_cfg_scale: real classifier-free guidance against a negative prompt.
+    guidance_keyword: ClassVar[str] = "guidance_scale"
+    # Whether diffusers' `load_lora_weights` reads this family's kohya-layout file (SD3's it does not).
+    diffusers_reads_kohya: ClassVar[bool] = True
     # Whether `save_single_file` writes a checkpoint an app loads (DreamBooth writes one where there is).
     has_single_file: ClassVar[bool] = False
+    # What a model card says of that file (DreamBooth's describe_file).
+    single_file_description: ClassVar[str] = (
+        "single-file checkpoint for AUTOMATIC1111, Forge and ComfyUI (copy into `models/checkpoints`); diffusers "
+        "reads it with `from_single_file`")
     # Text encoder -> tensor name in a webui/ComfyUI embedding file (textual inversion).
     embedding_keys: ClassVar[dict[str, str]] = {"text_encoder": "emb_params"}
 

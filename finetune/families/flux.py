@@ -15,6 +15,10 @@ kohya's FLUX trainer writes them: `lora_unet_double_blocks_0_img_attn_qkv`,
 `lora_unet_single_blocks_0_linear1` (q, k, v and the MLP input in one weight), `lora_te1_...` for
 CLIP-L. diffusers' FluxPipeline.load_lora_weights reads that layout too (at FLUX.1's real widths:
 its converter has them written in for the single blocks' linear1).
+
+Textual inversion and pivotal tuning learn the new token in CLIP-L only (`embedding_keys`): T5 reads
+the trigger as ordinary text pieces. A full fine-tune's single file is the transformer alone in BFL's
+layout (`export/flux_single_file.py`), as flux1-dev.safetensors ships it.
 """
 
 from __future__ import annotations
@@ -165,6 +169,16 @@ class FluxFamily(Family):
     kohya_base_model_version = "flux1"  # what kohya's sd-scripts writes for FLUX.1 (dev and schnell)
     default_resolution = 1024
     denoiser_component = "transformer"
+    # CLIP-L only, under the name FLUX pivotal files in the wild give it (diffusers' advanced FLUX
+    # trainer writes `clip_l` and, optionally, `t5`); T5 gets no new token.
+    embedding_keys = {"text_encoder": "clip_l"}
+    has_single_file = True  # the transformer alone, in BFL's layout (flux1-dev.safetensors)
+    # What a model card says of that file (DreamBooth's `describe_file`).
+    single_file_description = (
+        "transformer-only checkpoint in the original FLUX.1 layout, for ComfyUI (copy into "
+        "`models/diffusion_models`, load it with Load Diffusion Model beside FLUX's VAE and text encoders) and "
+        "Forge (with FLUX's VAE and text encoders picked in its menu); diffusers reads it with "
+        "`FluxTransformer2DModel.from_single_file(file, config=<base model>, subfolder='transformer')`")
 
     @property
     def pipeline_class(self):
@@ -300,6 +314,14 @@ class FluxFamily(Family):
 
     def loss_weights(self, c: Components, timesteps, min_snr_gamma):
         return flow_loss_weights(c.extras["flux"], c.noise_scheduler, timesteps, min_snr_gamma, "FLUX")
+
+    def save_single_file(self, c: Components, path, dtype: torch.dtype):
+        # Transformer only, as BFL ship it: the apps load the VAE and text encoders from files of their
+        # own (ComfyUI's Load Diffusion Model + DualCLIPLoader, Forge's VAE / text encoder menu). A CLIP-L
+        # DreamBooth also trained (method.train_text_encoder) is in the diffusers folder model/ only.
+        from ..export.flux_single_file import save_flux_single_file
+
+        return save_flux_single_file(path, c.denoiser, dtype=dtype)
 
     def kohya_lora(self, denoiser_state, text_encoder_states, denoiser_alpha, text_encoder_alphas):
         from ..export.lora import peft_to_kohya

@@ -77,8 +77,7 @@ class DreamBoothMethod(Method):
     def describe_file(self, path: Path) -> str:
         if path.name == MODEL_DIR:
             return "the fine-tuned model as a diffusers folder: `from_pretrained(run_folder + '/model')`"
-        return "single-file checkpoint for AUTOMATIC1111, Forge and ComfyUI (copy into `models/checkpoints`); " \
-               "diffusers reads it with `from_single_file`"
+        return self.family.single_file_description
 
     def usage(self, pipeline_class, load_base, run_dir, files):
         if MODEL_DIR in {Path(f).name for f in files}:

@@ -155,6 +155,9 @@ class LoraMethod(Method):
         if DIFFUSERS_WEIGHT_NAME in names:
             return f"pipe.load_lora_weights({str(run_dir)!r})"
         kohya = next(n for n in names if "kohya" in self.describe_file(Path(n)))
+        if not self.family.diffusers_reads_kohya:
+            return (f"# {kohya} loads in {self.family.kohya_apps}, not in diffusers: add diffusers to "
+                    "output.formats for a file this pipeline reads")
         return f"pipe.load_lora_weights({str(run_dir)!r}, weight_name={kohya!r})"
 
 

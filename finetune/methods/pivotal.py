@@ -5,6 +5,10 @@ N steps and the LoRA trains on alone, around the now fixed "pivot".
 Saved as both halves in every format: `learned_embeds.safetensors` + `pytorch_lora_weights.safetensors`
 for diffusers (`load_textual_inversion` then `load_lora_weights`), and `<run>-emb.safetensors` (a webui
 embedding) + `<run>.safetensors` (a kohya LoRA) for AUTOMATIC1111, Forge and ComfyUI.
+
+The token goes into the text encoders the family lists in `embedding_keys`: on FLUX.1 that is CLIP-L
+alone (T5 reads the trigger as plain text; see textual_inversion.py), so FLUX.1 pivotal = a CLIP-L
+token + a transformer LoRA, and its embedding file holds `clip_l` only.
 """
 
 from __future__ import annotations
@@ -57,7 +61,10 @@ class PivotalMethod(Method):
         return lora_groups + ti_groups
 
     def trainable_modules(self, c) -> list[torch.nn.Module]:
-        return [c.denoiser, *c.text_encoders.values()]
+        # Only encoders that train: a frozen one (FLUX.1's T5) handed to accelerate would be wrapped
+        # in DDP, which refuses a module without a trainable parameter.
+        modules = self.lora.trainable_modules(c)
+        return modules + [m for m in self.ti.trainable_modules(c) if not any(m is k for k in modules)]
 
     def trainable_parameter_count(self, groups: list[dict]) -> int:
         n_lora = len(groups) - 1  # the embedding group is last

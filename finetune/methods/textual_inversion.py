@@ -10,6 +10,16 @@ embedding (so clipping and optimizer state see only the new vectors), and `after
 original values back into every other row (AdamW's decoupled weight decay moves rows that have no
 gradient), so the rest of the text encoder is bit-identical after training.
 
+Which text encoders learn: those the family names in `embedding_keys` (SD1.x: its one CLIP; SDXL:
+CLIP-L and OpenCLIP bigG). FLUX.1 learns the token in CLIP-L only: T5 gets no new token and reads
+the trigger as ordinary text pieces, as FluxPipeline's T5 does (its `maybe_convert_prompt` finds no
+such token in T5's tokenizer). With several vectors T5 still sees the caption expanded
+(`<t> <t>_1 ...`) in training but `<t>` in FluxPipeline: the expansion is one caption for every
+encoder. CLIP-L reaches FLUX.1 only through its pooled output (the modulation vector), so a FLUX
+embedding steers less than an SD one; pivotal tuning's LoRA carries the subject. The embedding file
+holds `clip_l` alone: FLUX pivotal files in the wild carry `clip_l` and, optionally, `t5` (diffusers'
+advanced FLUX trainer), and ComfyUI's CLIP-L tokenizer reads the `clip_l` tensor (`embedding_key`).
+
 Files: `learned_embeds.safetensors` = {placeholder: [num_vectors, dim]} (what diffusers' example
 writes and `pipe.load_textual_inversion(folder)` reads), and `<name>.safetensors` =
 {"emb_params": [num_vectors, dim]} (the embedding file AUTOMATIC1111/Forge and kohya's scripts use;
@@ -114,13 +124,14 @@ class TextualInversionMethod(Method):
     # setup
 
     def setup(self, c) -> list[dict]:
-        # One set of new vectors per text encoder (SDXL: CLIP-L and OpenCLIP bigG each learn the token).
+        # One set of new vectors per text encoder the family embeds into (SDXL: CLIP-L and OpenCLIP
+        # bigG each learn the token; FLUX.1: CLIP-L only, T5 keeps its vocabulary).
         for module in c.frozen_modules():
             module.requires_grad_(False)
         self.vectors: dict[str, _NewRows] = {}
         extended: set[int] = set()
-        for name, te in c.text_encoders.items():
-            tokenizer = c.tokenizers[name]
+        for name in self.family.embedding_keys:
+            te, tokenizer = c.text_encoders[name], c.tokenizers[name]
             init_id = self._initializer_id(tokenizer)
             if id(tokenizer) not in extended:  # two encoders may share one tokenizer object
                 self._add_tokens(tokenizer)
@@ -224,8 +235,12 @@ class TextualInversionMethod(Method):
             return f"diffusers format for `{encoder}`; load each file into its own encoder (see the code below)"
         how = "`load_textual_inversion(file, token=...)`" if one_encoder else \
             f"one `load_textual_inversion` call per tensor ({', '.join(self.family.embedding_keys.values())})"
-        return (f"embedding for {self.family.kohya_apps} (copy into `embeddings/`; the prompt word is "
-                f"`{path.stem}`); diffusers: {how}")
+        keys = self.family.embedding_keys
+        # FLUX.1: the token reaches CLIP-L alone; say so, or users expect T5 to know it.
+        held = ", ".join(f"`{k}`" for k in keys.values())
+        only = "" if len(keys) == len(self.family.text_encoder_names) else f", holding {held} only"
+        return (f"embedding for {self.family.kohya_apps}{only} (copy into `embeddings/`; the prompt word is "
+                f"`{path.stem}`, in ComfyUI `embedding:{path.stem}`); diffusers: {how}")
 
     def usage(self, pipeline_class, load_base, run_dir, files):
         names = {Path(f).name for f in files}

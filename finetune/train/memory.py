@@ -261,6 +261,11 @@ def classifiers_on(output_hooks, device: torch.device):
             hook.place(OFFLOAD_DEVICE)
 
 
+def _moved(value, device):
+    # Some pipelines take one tensor per prompt (Z-Image: captions keep their own lengths).
+    return [t.to(device) for t in value] if isinstance(value, (list, tuple)) else value.to(device)
+
+
 def validation_embeddings(family, c, validation, autocast):
     """The validation prompts encoded now, kept on the CPU: with the text encoders offloaded, samples
     are made from these and the encoders (T5-XXL: 9.5 GB) never come back to the GPU. A callable
@@ -271,10 +276,10 @@ def validation_embeddings(family, c, validation, autocast):
     with torch.no_grad(), autocast():
         for prompt in dict.fromkeys(validation.prompts):
             kw = family.prompt_embeddings(c, prompt, validation.negative_prompt, validation.guidance_scale)
-            kept[prompt] = {k: v.to(OFFLOAD_DEVICE) for k, v in kw.items() if v is not None}
+            kept[prompt] = {k: _moved(v, OFFLOAD_DEVICE) for k, v in kw.items() if v is not None}
 
     def embed(prompt: str, negative_prompt: str | None) -> dict:
         device = module_device(c.denoiser)  # the pipeline repeats them for num_images_per_prompt
-        return {k: v.to(device) for k, v in kept[prompt].items()}
+        return {k: _moved(v, device) for k, v in kept[prompt].items()}
 
     return embed
