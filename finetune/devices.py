@@ -15,6 +15,7 @@ back into fp16. An image that still comes out black is found by `is_black` and r
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -267,6 +268,10 @@ def run_pipeline(pipe, autocast: Callable | None = None, **kwargs) -> list:
     family = pipeline_family(pipe)
     if family is not None and "guidance_scale" in kwargs:
         kwargs[family.guidance_keyword] = kwargs.pop("guidance_scale")
+    if "negative_prompt" in kwargs and "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
+        # FLUX.2's pipelines take none: [dev] is guidance-distilled, [klein] encodes "" itself
+        # (a negative prompt reaches [klein] as embeddings, Family.prompt_embeddings).
+        kwargs.pop("negative_prompt")
     device = pipeline_device(pipe)
     ctx = autocast() if autocast else no_autocast(device.type)
     if getattr(pipe, "vae", None) is None or not hasattr(pipe, "image_processor") or "output_type" in kwargs:
@@ -280,29 +285,18 @@ def run_pipeline(pipe, autocast: Callable | None = None, **kwargs) -> list:
 
 def decode_latents(pipe, latents, height: int | None = None, width: int | None = None) -> list:
     """Latents from `pipe(..., output_type="latent")` -> PIL images, as the pipeline itself decodes them
-    (packed FLUX latents unpacked; the VAE's scaling, shift, or SDXL-style mean/std; SDXL's watermarker
-    if it has one), with the VAE in fp32 when it is fp16 and not fp16-safe."""
+    (the family's `vae_latents`: unpacked, unscaled; SDXL's watermarker if it has one), with the VAE
+    in fp32 when it is fp16 and not fp16-safe."""
     import torch
 
+    from .families import pipeline_family
+    from .families.base import Family
+
     vae = pipe.vae
-    cfg = vae.config
-    latents = latents.float()  # scaled in fp32 whatever the model ran in (a no-op for an fp32 model)
-    if latents.ndim == 3:  # packed 2x2 patches (FLUX, Qwen-Image): unpack to (batch, channels[, 1], h, w)
-        scale = pipe.vae_scale_factor
-        default = pipe.default_sample_size * scale
-        latents = pipe._unpack_latents(latents, height or default, width or default, scale)
+    family = pipeline_family(pipe) or Family()
+    # Scaled in fp32 whatever the model ran in (a no-op for an fp32 model).
+    latents = family.vae_latents(pipe, latents.float(), height, width)
     frames = latents.ndim == 5  # a video-style VAE (Qwen-Image's): one frame per image
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, latents.shape[1]) + (1,) * (latents.ndim - 2)
-        mean = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
-        std = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
-        # Qwen-Image's VAE has no scaling_factor: its latents are normalised by mean and std alone.
-        latents = latents * std / getattr(cfg, "scaling_factor", 1.0) + mean
-    else:
-        latents = latents / cfg.scaling_factor
-        if getattr(cfg, "shift_factor", None) is not None:
-            latents = latents + cfg.shift_factor
     upcast = vae.dtype == torch.float16 and vae_dtype("fp16", vae) == "fp32"
     if upcast:  # as diffusers' SDXL pipeline does for a VAE that overflows in fp16 (lossless both ways)
         vae.to(dtype=torch.float32)

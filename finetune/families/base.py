@@ -246,6 +246,26 @@ class Family:
         """kohya's `ss_base_model_version` for the loaded model (a family may span versions: SD1.x/2.x)."""
         return self.kohya_base_model_version
 
+    def vae_latents(self, pipe, latents: torch.Tensor, height: int | None, width: int | None) -> torch.Tensor:
+        """What the pipeline returns with `output_type="latent"` -> what its VAE decodes, as the pipeline
+        itself does before decoding: packed 2x2 patches (FLUX.1, Qwen-Image) unpacked, then the VAE's
+        scaling and shift, or its per-channel mean and std (SDXL-style; Qwen-Image's has no scaling factor)."""
+        import torch
+
+        cfg = pipe.vae.config
+        if latents.ndim == 3:  # packed: (batch, tokens, channels x 4) -> (batch, channels[, 1], h, w)
+            scale = pipe.vae_scale_factor
+            default = pipe.default_sample_size * scale
+            latents = pipe._unpack_latents(latents, height or default, width or default, scale)
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, latents.shape[1]) + (1,) * (latents.ndim - 2)
+            mean = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+            return latents * std / getattr(cfg, "scaling_factor", 1.0) + mean
+        latents = latents / cfg.scaling_factor
+        return latents + cfg.shift_factor if getattr(cfg, "shift_factor", None) is not None else latents
+
     def kohya_lora(self, denoiser_state, text_encoder_states, denoiser_alpha: float,
                    text_encoder_alphas: dict[str, float]) -> dict[str, torch.Tensor]:
         """peft LoRA state dicts -> the key layout webui/ComfyUI load for this family (kohya's)."""
