@@ -207,6 +207,50 @@ def fuse_lora(parts: list[tuple[torch.Tensor, torch.Tensor, int]], out_features:
     return down, up
 
 
+def fused_kohya(state, alpha: float, locate, layout: str, fold_alpha=None) -> dict[str, torch.Tensor]:
+    """A peft LoRA of a transformer -> kohya keys on its original checkpoint's modules
+    (`lora_unet_<module with "." -> "_">`), the layout ComfyUI (and kohya, musubi-tuner) use for the
+    transformer families.
+
+    `locate(name, lora_A, lora_B)` places each diffusers Linear: (original module, first row, rows of
+    the fused original weight or None when not fused, whether its two output halves swap), or None for
+    a module `layout` (e.g. "FLUX.1") has no counterpart for. LoRAs on parts of one fused weight (q, k,
+    v; FLUX.1's MLP input) become one LoRA on it (`fuse_lora`); its rank is the parts' summed ranks, so
+    its alpha is alpha x parts and every part keeps peft's alpha / r. `fold_alpha(module)`: modules whose
+    reader ignores alpha get the scale folded into lora_up (alpha written = rank)."""
+    import re
+
+    pairs = peft_lora_pairs({re.sub(r"^transformer\.", "", k): v for k, v in state.items()}, "transformer LoRA")
+    groups: dict[str, list] = {}
+    rows: dict[str, int] = {}
+    for module, (a, b) in pairs.items():
+        target = locate(module, a, b)
+        if target is None:
+            raise ValueError(f"transformer LoRA: {module} has no counterpart in the original {layout} layout that "
+                             "ComfyUI loads; leave it out of method.target_modules")
+        original, row, fused_rows, swap = target
+        if swap:  # diffusers' AdaLayerNormContinuous emits (scale, shift); the originals (shift, scale)
+            b = torch.cat(b.chunk(2, dim=0)[::-1])
+        groups.setdefault(original, []).append((a, b, row))
+        rows[original] = fused_rows or b.shape[0]
+    out: dict[str, torch.Tensor] = {}
+    for original, parts in sorted(groups.items()):
+        parts.sort(key=lambda p: p[2])
+        rank = parts[0][0].shape[0]
+        if any(a.shape[0] != rank for a, _, _ in parts):
+            raise ValueError(f"transformer LoRA: the parts of {original} have different ranks; one kohya alpha "
+                             "cannot hold them")
+        down, up = fuse_lora(parts, rows[original])
+        written = float(alpha) * len(parts)
+        if fold_alpha and fold_alpha(original):
+            up, written = up * (float(alpha) / rank), float(rank)
+        name = "lora_unet_" + original.replace(".", "_")
+        out[f"{name}.lora_down.weight"] = down
+        out[f"{name}.lora_up.weight"] = up
+        out[f"{name}.alpha"] = torch.tensor(written, dtype=torch.float32)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # metadata
 

@@ -1,6 +1,6 @@
 """What every rectified-flow family shares (FLUX.1, SD3/3.5, FLUX.2, Qwen-Image, Z-Image): the recipe
 options under `model.flow`, drawing and shifting the noise level sigma, the noisy input and its
-velocity target, and the SD3 paper's loss weightings.
+velocity target, and the SD3 paper's loss weightings; `FlowFamily`, their base class, puts them together.
 
 The formulas are diffusers' training utilities and its examples'
 (`examples/dreambooth/train_dreambooth_lora_{sd3,flux,flux2,qwen_image,z_image}.py`): sigma is drawn by
@@ -12,12 +12,13 @@ continuous draw (`shift_sigmas`), which is that table without its rounding to 10
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Callable, Literal
+from typing import TYPE_CHECKING, Annotated, Callable, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from ..config_base import Section
 from ..errors import FinetuneError
+from .base import Components, Family
 
 if TYPE_CHECKING:
     import torch
@@ -118,3 +119,36 @@ def flow_loss_weights(opts: FlowOptions, scheduler, timesteps: torch.Tensor, min
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     return compute_loss_weighting_for_sd3(opts.loss_weighting, timesteps.float() / scheduler.config.num_train_timesteps)
+
+
+class FlowFamily(Family):
+    """A rectified-flow family: what it draws, what it predicts and how the loss is weighted come from
+    `model.flow` (the components carry it as `extras["flow"]`). A family gives `shift_mu` when its
+    scheduler shifts by resolution, and `patch`, the latent side its transformer's patches take."""
+
+    patch: ClassVar[int] = 2  # 2x2 latent patches (FLUX.1, SD3, Qwen-Image, Z-Image); FLUX.2 packs in its VAE step
+
+    def shift_mu(self, c: Components, image_seq_len: int) -> float:
+        """The resolution-dependent shift exponent the pipeline samples with (dynamic shifting only)."""
+        raise FinetuneError(f"{self.title}'s scheduler shifts by resolution, but the family gives no shift exponent")
+
+    def sample_noisy(self, c: Components, latents: torch.Tensor, noise_offset: float = 0.0):
+        # Patches need sides divisible by `patch`; small buckets (8-pixel steps) can give odd ones, and
+        # dropping one latent row/column (8 pixels) costs less than refusing the image.
+        p = self.patch
+        h, w = latents.shape[-2] // p * p, latents.shape[-1] // p * p
+        if h == 0 or w == 0:
+            raise FinetuneError(f"{self.title} needs images of at least {8 * p}x{8 * p} pixels; got latents of "
+                                f"{tuple(latents.shape[-2:])}")
+        latents = latents[..., :h, :w]
+        sigmas = self.sample_sigmas(c, latents.shape[0], image_seq_len=(h // p) * (w // p), device=latents.device)
+        noisy, target = noisy_and_target(latents, sigmas, noise_offset)
+        return noisy, sigmas * c.noise_scheduler.config.num_train_timesteps, target
+
+    def sample_sigmas(self, c: Components, n: int, image_seq_len: int, device=None) -> torch.Tensor:
+        """n noise levels in (0, 1), drawn and shifted as the options say (float32)."""
+        opts = c.extras["flow"]
+        return shift_sigmas(opts, c.noise_scheduler, draw_sigmas(opts, n, device), lambda: self.shift_mu(c, image_seq_len))
+
+    def loss_weights(self, c: Components, timesteps, min_snr_gamma):
+        return flow_loss_weights(c.extras["flow"], c.noise_scheduler, timesteps, min_snr_gamma, self.title)

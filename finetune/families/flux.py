@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 
 from ..errors import FinetuneError
 from . import register_family
-from ._flow import FlowOptions, draw_sigmas, flow_loss_weights, flow_options, guidance_value, noisy_and_target, shift_sigmas
-from .base import Components, Family, ModelSource, component_dtypes, dtype_kwargs, load_vae, module_device, place
-from .quantize import load_denoiser
+from ._flow import FlowFamily, FlowOptions, flow_options, guidance_value
+from .base import Components, ModelSource, load_vae, module_device, place
+from ._transformer import load_transformer_pipeline
 
 # torch is imported inside the functions that run it: validating a recipe imports every plug-in
 # module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
@@ -109,48 +109,17 @@ def bfl_module(name: str, inner: int) -> tuple[str, int, int | None, bool] | Non
 
 
 def flux_to_kohya(state, alpha: float) -> dict[str, torch.Tensor]:
-    """A peft LoRA of FluxTransformer2DModel -> kohya's FLUX layout (`lora_unet_<BFL name>`).
+    """A peft LoRA of FluxTransformer2DModel -> kohya's FLUX layout (`lora_unet_<BFL name>`), the parts
+    of BFL's fused weights (q, k, v; and the MLP input in single blocks) fused into one LoRA each."""
+    from ..export.lora import fused_kohya
 
-    LoRAs on parts of one fused BFL weight (q, k, v; and the MLP input in single blocks) become one
-    LoRA on that weight (`fuse_lora`: stacked downs, block-diagonal up). Its rank is the sum of the
-    parts' ranks, so its alpha is alpha * (number of parts): every part keeps peft's alpha / r."""
-    import torch
-
-    from ..export.lora import fuse_lora, peft_lora_pairs
-
-    pairs = peft_lora_pairs({re.sub(r"^transformer\.", "", k): v for k, v in state.items()}, "transformer LoRA")
-    groups: dict[str, list] = {}
-    rows: dict[str, int] = {}
-    for module, (a, b) in pairs.items():
-        target = bfl_module(module, inner=a.shape[1])
-        if target is None:
-            raise ValueError(f"transformer LoRA: {module} has no counterpart in the original FLUX.1 layout "
-                             f"that ComfyUI and Forge load; leave it out of method.target_modules")
-        bfl, row, fused_rows, swap = target
-        if swap:
-            b = torch.cat(b.chunk(2, dim=0)[::-1])
-        groups.setdefault(bfl, []).append((a, b, row))
-        rows[bfl] = fused_rows or b.shape[0]
-    out: dict[str, torch.Tensor] = {}
-    for bfl, parts in sorted(groups.items()):
-        parts.sort(key=lambda p: p[2])
-        rank = parts[0][0].shape[0]
-        if any(a.shape[0] != rank for a, _, _ in parts):
-            raise ValueError(f"transformer LoRA: the parts of {bfl} have different ranks; one kohya alpha cannot hold them")
-        down, up = fuse_lora(parts, rows[bfl])
-        written_alpha = float(alpha) * len(parts)
-        if bfl.startswith("final_layer."):
-            # diffusers' kohya reader ignores alpha on the final layer: fold the scale into the weights.
-            up, written_alpha = up * (float(alpha) / rank), float(rank)
-        name = "lora_unet_" + bfl.replace(".", "_")
-        out[f"{name}.lora_down.weight"] = down
-        out[f"{name}.lora_up.weight"] = up
-        out[f"{name}.alpha"] = torch.tensor(written_alpha, dtype=torch.float32)
-    return out
+    # diffusers' kohya reader ignores alpha on the final layer: its scale is folded into the weights.
+    return fused_kohya(state, alpha, lambda name, a, b: bfl_module(name, inner=a.shape[1]), "FLUX.1",
+                       fold_alpha=lambda module: module.startswith("final_layer."))
 
 
 @register_family("flux")
-class FluxFamily(Family):
+class FluxFamily(FlowFamily):
     name = "flux"
     title = "FLUX.1"
     text_encoder_names = ("text_encoder", "text_encoder_2")
@@ -191,32 +160,11 @@ class FluxFamily(Family):
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
         opts = flow_options(cfg)
-        if source.kind == "single_file" and not cfg.config:
-            # FLUX single files (flux1-dev.safetensors) hold the transformer only.
-            raise FinetuneError(f"model.config: {source.label} holds only FLUX's transformer; set model.config "
-                                "to a FLUX diffusers folder or hub id (black-forest-labs/FLUX.1-dev) for the rest")
-        dtypes = component_dtypes(dtype, vae_dtype)
-        components = {}
-        if getattr(cfg, "vae", None):
-            components["vae"] = self._load_vae(cfg, vae_dtype)
-        try:
-            if quantize != "none":
-                components["transformer"] = load_denoiser(FluxTransformer2DModel, source, cfg, "transformer",
-                                                          quantize, dtype)
-            elif source.kind == "single_file":
-                components["transformer"] = FluxTransformer2DModel.from_single_file(
-                    source.location, config=cfg.config, subfolder="transformer", **dtype_kwargs(dtype))
-            if source.kind == "single_file":
-                pipe = self.pipeline_class.from_pretrained(cfg.config, revision=cfg.revision, low_cpu_mem_usage=True,
-                                                           **dtype_kwargs(dtypes), **components)
-            else:
-                pipe = self.pipeline_class.from_pretrained(
-                    source.location, revision=cfg.revision, variant=cfg.variant,
-                    use_safetensors=None if cfg.allow_pickle else True, low_cpu_mem_usage=True,
-                    **dtype_kwargs(dtypes), **components)
-        except (OSError, ValueError, EnvironmentError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FinetuneError(f"model.base: cannot load {source.label} as FLUX.1: {first}") from e
+        # A single file (flux1-dev.safetensors) holds the transformer only.
+        pipe = load_transformer_pipeline(
+            self.pipeline_class, FluxTransformer2DModel, source, cfg, dtype=dtype, vae_dtype=vae_dtype,
+            quantize=quantize, title="FLUX.1", example="black-forest-labs/FLUX.1-dev",
+            vae=self._load_vae(cfg, vae_dtype) if getattr(cfg, "vae", None) else None)
         transformer = pipe.transformer
         return place(Components(
             pipeline=pipe, denoiser=transformer, vae=pipe.vae,
@@ -224,7 +172,7 @@ class FluxFamily(Family):
             tokenizers={"text_encoder": pipe.tokenizer, "text_encoder_2": pipe.tokenizer_2},
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config), source=source,
             # Read here, not from the denoiser later: accelerate may wrap it (DDP has no .config).
-            extras={"flux": opts, "guidance_embeds": bool(transformer.config.guidance_embeds),
+            extras={"flow": opts, "guidance_embeds": bool(transformer.config.guidance_embeds),
                     "vae_scale_factor": pipe.vae_scale_factor},
         ), device)
 
@@ -265,28 +213,11 @@ class FluxFamily(Family):
         tok = c.tokenizers["text_encoder_2"]
         return sum(len(tok(cap).input_ids) > T5_MAX_LENGTH for cap in captions)
 
-    def sample_noisy(self, c: Components, latents: torch.Tensor, noise_offset: float = 0.0):
-        # 2x2 packing needs even latent sides; small buckets (8-pixel steps) can give odd ones, and
-        # dropping one latent row/column (8 pixels) costs less than refusing the image.
-        h, w = latents.shape[-2] // 2 * 2, latents.shape[-1] // 2 * 2
-        if h == 0 or w == 0:
-            raise FinetuneError(f"FLUX needs images of at least 16x16 pixels; got latents of {tuple(latents.shape[-2:])}")
-        latents = latents[..., :h, :w]
-        sigmas = self.sample_sigmas(c, latents.shape[0], image_seq_len=(h // 2) * (w // 2), device=latents.device)
-        noisy, target = noisy_and_target(latents, sigmas, noise_offset)
-        return noisy, sigmas * c.noise_scheduler.config.num_train_timesteps, target
+    def shift_mu(self, c: Components, image_seq_len: int) -> float:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    def sample_sigmas(self, c: Components, n: int, image_seq_len: int, device=None) -> torch.Tensor:
-        """n noise levels in (0, 1), drawn and shifted as the options say (float32)."""
-        def mu():
-            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-            cfg = c.noise_scheduler.config
-            return calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift,
-                                   cfg.max_shift)
-
-        opts = c.extras["flux"]
-        return shift_sigmas(opts, c.noise_scheduler, draw_sigmas(opts, n, device), mu)
+        cfg = c.noise_scheduler.config
+        return calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
 
     def predict(self, c: Components, noisy, timesteps, cond) -> torch.Tensor:
         import torch
@@ -297,7 +228,7 @@ class FluxFamily(Family):
         prompt_embeds = cond["prompt_embeds"].to(device, dtype)
         guidance = None
         if c.extras["guidance_embeds"]:
-            scale = guidance_value(c.extras["flux"], TRAIN_GUIDANCE)
+            scale = guidance_value(c.extras["flow"], TRAIN_GUIDANCE)
             guidance = torch.full((b,), scale, device=device, dtype=torch.float32)
         out = c.denoiser(
             hidden_states=FluxPipeline._pack_latents(noisy, b, ch, h, w),
@@ -311,9 +242,6 @@ class FluxFamily(Family):
         )[0]
         vae_scale = c.extras["vae_scale_factor"]
         return FluxPipeline._unpack_latents(out, h * vae_scale, w * vae_scale, vae_scale)
-
-    def loss_weights(self, c: Components, timesteps, min_snr_gamma):
-        return flow_loss_weights(c.extras["flux"], c.noise_scheduler, timesteps, min_snr_gamma, "FLUX")
 
     def save_single_file(self, c: Components, path, dtype: torch.dtype):
         # Transformer only, as BFL ship it: the apps load the VAE and text encoders from files of their

@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING
 
 from ..errors import FinetuneError
 from . import register_family
-from ._flow import draw_sigmas, flow_loss_weights, flow_options, guidance_value, noisy_and_target, shift_sigmas
-from .base import Components, Family, ModelSource, component_dtypes, dtype_kwargs, module_device, place
-from .quantize import load_denoiser
+from ._flow import FlowFamily, flow_options, guidance_value
+from .base import Components, ModelSource, dtype_kwargs, module_device, place
+from ._transformer import load_transformer_pipeline
 
 # torch is imported inside the functions that run it: validating a recipe imports every plug-in
 # module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
@@ -112,38 +112,11 @@ def bfl_module(name: str, inner: int) -> tuple[str, int, int | None, bool] | Non
 
 
 def flux2_to_kohya(state, alpha: float) -> dict[str, torch.Tensor]:
-    """A peft LoRA of Flux2Transformer2DModel -> the kohya/musubi FLUX.2 layout (`lora_unet_<BFL name>`).
-    q, k and v LoRAs of a double block become one LoRA on the fused qkv (`fuse_lora`): its rank is the
-    parts' summed ranks, so its alpha is alpha x parts and each part keeps peft's alpha / r."""
-    import torch
+    """A peft LoRA of Flux2Transformer2DModel -> the kohya/musubi FLUX.2 layout (`lora_unet_<BFL name>`),
+    q, k and v of a double block fused into one LoRA on its qkv."""
+    from ..export.lora import fused_kohya
 
-    from ..export.lora import fuse_lora, peft_lora_pairs
-
-    pairs = peft_lora_pairs({re.sub(r"^transformer\.", "", k): v for k, v in state.items()}, "transformer LoRA")
-    groups: dict[str, list] = {}
-    rows: dict[str, int] = {}
-    for module, (a, b) in pairs.items():
-        target = bfl_module(module, inner=a.shape[1])
-        if target is None:
-            raise ValueError(f"transformer LoRA: {module} has no counterpart in the original FLUX.2 layout "
-                             f"that ComfyUI loads; leave it out of method.target_modules")
-        bfl, row, fused_rows, swap = target
-        if swap:
-            b = torch.cat(b.chunk(2, dim=0)[::-1])
-        groups.setdefault(bfl, []).append((a, b, row))
-        rows[bfl] = fused_rows or b.shape[0]
-    out: dict[str, torch.Tensor] = {}
-    for bfl, parts in sorted(groups.items()):
-        parts.sort(key=lambda p: p[2])
-        rank = parts[0][0].shape[0]
-        if any(a.shape[0] != rank for a, _, _ in parts):
-            raise ValueError(f"transformer LoRA: the parts of {bfl} have different ranks; one kohya alpha cannot hold them")
-        down, up = fuse_lora(parts, rows[bfl])
-        name = "lora_unet_" + bfl.replace(".", "_")
-        out[f"{name}.lora_down.weight"] = down
-        out[f"{name}.lora_up.weight"] = up
-        out[f"{name}.alpha"] = torch.tensor(float(alpha) * len(parts), dtype=torch.float32)
-    return out
+    return fused_kohya(state, alpha, lambda name, a, b: bfl_module(name, inner=a.shape[1]), "FLUX.2")
 
 
 def _bn_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +138,7 @@ def variant_of(transformer_config) -> str:
 
 
 @register_family("flux2")
-class Flux2Family(Family):
+class Flux2Family(FlowFamily):
     name = "flux2"
     title = "FLUX.2"
     pipeline_class_names = ("Flux2Pipeline", "Flux2KleinPipeline")
@@ -183,6 +156,7 @@ class Flux2Family(Family):
     kohya_apps = "ComfyUI"  # AUTOMATIC1111 and Forge run no FLUX.2
     default_resolution = 1024
     denoiser_component = "transformer"
+    patch = 1  # its latents are patchified (and cropped to whole patches) as they are encoded
 
     def __init__(self):
         # The loaded model's pipeline class and variant: [dev] and [klein] are one family, and the
@@ -208,30 +182,11 @@ class Flux2Family(Family):
              quantize: str = "none") -> Components:
         from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
-        if source.kind == "single_file" and not cfg.config:
-            raise FinetuneError(f"model.config: {source.label} holds only FLUX.2's transformer; set model.config "
-                                "to a FLUX.2 diffusers folder or hub id (black-forest-labs/FLUX.2-dev) for the rest")
-        components = {}
-        if getattr(cfg, "vae", None):
-            components["vae"] = self._load_vae(cfg, vae_dtype)
-        try:
-            if quantize != "none":
-                components["transformer"] = load_denoiser(Flux2Transformer2DModel, source, cfg, "transformer",
-                                                          quantize, dtype)
-            elif source.kind == "single_file":
-                components["transformer"] = Flux2Transformer2DModel.from_single_file(
-                    source.location, config=cfg.config, subfolder="transformer", **dtype_kwargs(dtype))
-            where = cfg.config if source.kind == "single_file" else source.location
-            files = {"use_safetensors": None if cfg.allow_pickle else True} if source.kind != "single_file" else {}
-            pipe = DiffusionPipeline.from_pretrained(
-                where, revision=cfg.revision, variant=None if source.kind == "single_file" else cfg.variant,
-                low_cpu_mem_usage=True, **files, **dtype_kwargs(component_dtypes(dtype, vae_dtype)), **components)
-        except (OSError, ValueError, ImportError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if "torchvision" in str(e).lower():  # [dev]'s tokenizer is a PixtralProcessor (an image processor too)
-                first = ("its tokenizer (PixtralProcessor) needs torchvision: pip install the torchvision release "
-                         "that matches your torch")
-            raise FinetuneError(f"model.base: cannot load {source.label} as FLUX.2: {first}") from e
+        # DiffusionPipeline: the model_index says which of the two pipelines ([dev] or [klein]) it is.
+        pipe = load_transformer_pipeline(
+            DiffusionPipeline, Flux2Transformer2DModel, source, cfg, dtype=dtype, vae_dtype=vae_dtype,
+            quantize=quantize, title="FLUX.2", example="black-forest-labs/FLUX.2-dev",
+            vae=self._load_vae(cfg, vae_dtype) if getattr(cfg, "vae", None) else None)
         if type(pipe).__name__ not in self.pipeline_class_names:
             raise FinetuneError(f"model.base: {source.label} is a {type(pipe).__name__}, not a FLUX.2 pipeline "
                                 f"({' or '.join(self.pipeline_class_names)}); set model.family to its family")
@@ -271,7 +226,6 @@ class Flux2Family(Family):
     def encode_images(self, c: Components, pixels: torch.Tensor) -> torch.Tensor:
         """Patchified, batch-normed latents (batch, 128, h/16, w/16), as the pipeline's `_encode_vae_image`
         and the example make them (the distribution's mode, not a sample)."""
-        import torch
         from diffusers import Flux2Pipeline
 
         vae = c.vae
@@ -329,21 +283,10 @@ class Flux2Family(Family):
             lengths = [len(ids) for ids in tok.apply_chat_template(chats, tokenize=True, return_dict=True)["input_ids"]]
         return sum(n > MAX_LENGTH for n in lengths)
 
-    def sample_noisy(self, c: Components, latents: torch.Tensor, noise_offset: float = 0.0):
-        sigmas = self.sample_sigmas(c, latents.shape[0], image_seq_len=latents.shape[-2] * latents.shape[-1],
-                                    device=latents.device)
-        noisy, target = noisy_and_target(latents, sigmas, noise_offset)
-        return noisy, sigmas * c.noise_scheduler.config.num_train_timesteps, target
+    def shift_mu(self, c: Components, image_seq_len: int) -> float:
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
-    def sample_sigmas(self, c: Components, n: int, image_seq_len: int, device=None) -> torch.Tensor:
-        """n noise levels in (0, 1), drawn and shifted as the options say (float32)."""
-        def mu():
-            from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
-
-            return compute_empirical_mu(image_seq_len, SHIFT_STEPS)
-
-        opts = c.extras["flow"]
-        return shift_sigmas(opts, c.noise_scheduler, draw_sigmas(opts, n, device), mu)
+        return compute_empirical_mu(image_seq_len, SHIFT_STEPS)
 
     def predict(self, c: Components, noisy, timesteps, cond) -> torch.Tensor:
         import torch
@@ -366,9 +309,6 @@ class Flux2Family(Family):
             return_dict=False,
         )[0]
         return out.transpose(1, 2).reshape(b, ch, h, w)  # _pack_latents undone: tokens are row-major
-
-    def loss_weights(self, c: Components, timesteps, min_snr_gamma):
-        return flow_loss_weights(c.extras["flow"], c.noise_scheduler, timesteps, min_snr_gamma, self.title)
 
     def kohya_lora(self, denoiser_state, text_encoder_states, denoiser_alpha, text_encoder_alphas):
         if any(text_encoder_states.values() if text_encoder_states else ()):

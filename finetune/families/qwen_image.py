@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING
 
 from ..errors import FinetuneError
 from . import register_family
-from ._flow import draw_sigmas, flow_loss_weights, flow_options, noisy_and_target, shift_sigmas
-from .base import Components, Family, ModelSource, component_dtypes, dtype_kwargs, module_device, place
-from .quantize import load_denoiser
+from ._flow import FlowFamily, flow_options
+from .base import Components, ModelSource, dtype_kwargs, module_device, place
+from ._transformer import load_transformer_pipeline
 
 # torch is imported inside the functions that run it: validating a recipe imports every plug-in
 # module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
@@ -61,7 +61,7 @@ LORA_TARGETS = (
 
 
 @register_family("qwen_image")
-class QwenImageFamily(Family):
+class QwenImageFamily(FlowFamily):
     name = "qwen_image"
     title = "Qwen-Image"
     pipeline_class_names = ("QwenImagePipeline",)
@@ -97,28 +97,11 @@ class QwenImageFamily(Family):
         from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
         opts = flow_options(cfg)
-        if source.kind == "single_file" and not cfg.config:
-            # ComfyUI's qwen_image_bf16.safetensors holds the transformer only.
-            raise FinetuneError(f"model.config: {source.label} holds only Qwen-Image's transformer; set model.config "
-                                "to a Qwen-Image diffusers folder or hub id (Qwen/Qwen-Image) for the rest")
-        components = {}
-        if getattr(cfg, "vae", None):
-            components["vae"] = self._load_vae(cfg, vae_dtype)
-        try:
-            if quantize != "none":
-                components["transformer"] = load_denoiser(QwenImageTransformer2DModel, source, cfg, "transformer",
-                                                          quantize, dtype)
-            elif source.kind == "single_file":
-                components["transformer"] = QwenImageTransformer2DModel.from_single_file(
-                    source.location, config=cfg.config, subfolder="transformer", **dtype_kwargs(dtype))
-            where = (dict(pretrained_model_name_or_path=cfg.config) if source.kind == "single_file" else
-                     dict(pretrained_model_name_or_path=source.location, variant=cfg.variant,
-                          use_safetensors=None if cfg.allow_pickle else True))
-            pipe = self.pipeline_class.from_pretrained(**where, revision=cfg.revision, low_cpu_mem_usage=True,
-                                                       **dtype_kwargs(component_dtypes(dtype, vae_dtype)), **components)
-        except (OSError, ValueError, EnvironmentError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FinetuneError(f"model.base: cannot load {source.label} as Qwen-Image: {first}") from e
+        # A single file (ComfyUI's qwen_image_bf16.safetensors) holds the transformer only.
+        pipe = load_transformer_pipeline(
+            self.pipeline_class, QwenImageTransformer2DModel, source, cfg, dtype=dtype, vae_dtype=vae_dtype,
+            quantize=quantize, title="Qwen-Image", example="Qwen/Qwen-Image",
+            vae=self._load_vae(cfg, vae_dtype) if getattr(cfg, "vae", None) else None)
         return place(Components(
             pipeline=pipe, denoiser=pipe.transformer, vae=pipe.vae,
             text_encoders={"text_encoder": pipe.text_encoder}, tokenizers={"text_encoder": pipe.tokenizer},
@@ -198,29 +181,11 @@ class QwenImageFamily(Family):
             out.update(negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask)
         return out
 
-    def sample_noisy(self, c: Components, latents: torch.Tensor, noise_offset: float = 0.0):
-        # 2x2 packing needs even latent sides; dropping one latent row/column (8 pixels) costs less
-        # than refusing the image.
-        h, w = latents.shape[-2] // 2 * 2, latents.shape[-1] // 2 * 2
-        if h == 0 or w == 0:
-            raise FinetuneError(f"Qwen-Image needs images of at least 16x16 pixels; got latents of "
-                                f"{tuple(latents.shape[-2:])}")
-        latents = latents[..., :h, :w]
-        sigmas = self.sample_sigmas(c, latents.shape[0], image_seq_len=(h // 2) * (w // 2), device=latents.device)
-        noisy, target = noisy_and_target(latents, sigmas, noise_offset)
-        return noisy, sigmas * c.noise_scheduler.config.num_train_timesteps, target
+    def shift_mu(self, c: Components, image_seq_len: int) -> float:
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
-    def sample_sigmas(self, c: Components, n: int, image_seq_len: int, device=None) -> torch.Tensor:
-        """n noise levels in (0, 1), drawn and shifted as the options say (float32)."""
-        def mu():
-            from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-
-            cfg = c.noise_scheduler.config
-            return calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift,
-                                   cfg.max_shift)
-
-        opts = c.extras["flow"]
-        return shift_sigmas(opts, c.noise_scheduler, draw_sigmas(opts, n, device), mu)
+        cfg = c.noise_scheduler.config
+        return calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
 
     def predict(self, c: Components, noisy, timesteps, cond) -> torch.Tensor:
         from diffusers import QwenImagePipeline
@@ -242,9 +207,6 @@ class QwenImageFamily(Family):
         )[0]
         vae_scale = c.extras["vae_scale_factor"]
         return QwenImagePipeline._unpack_latents(out, h * vae_scale, w * vae_scale, vae_scale)[:, :, 0]
-
-    def loss_weights(self, c: Components, timesteps, min_snr_gamma):
-        return flow_loss_weights(c.extras["flow"], c.noise_scheduler, timesteps, min_snr_gamma, "Qwen-Image")
 
     def kohya_lora(self, denoiser_state, text_encoder_states, denoiser_alpha, text_encoder_alphas):
         """musubi-tuner's layout: `lora_unet_` + diffusers' module name with "." -> "_" (ComfyUI's names

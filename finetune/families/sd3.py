@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING
 
 from ..errors import FinetuneError
 from . import register_family
-from ._flow import draw_sigmas, flow_loss_weights, flow_options, noisy_and_target, shift_sigmas
-from .base import Components, Family, ModelSource, component_dtypes, dtype_kwargs, load_vae, module_device, place
-from .quantize import load_denoiser
+from ._flow import FlowFamily, flow_loss_weights, flow_options
+from .base import Components, ModelSource, load_vae, module_device, place
+from ._transformer import load_transformer_pipeline
 
 # torch is imported inside the functions that run it: validating a recipe imports every plug-in
 # module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
@@ -115,44 +115,16 @@ def mmdit_module(name: str, inner: int, rows: int) -> tuple[str, int, int | None
 
 
 def sd3_to_kohya(state, alpha: float) -> dict[str, torch.Tensor]:
-    """A peft LoRA of SD3Transformer2DModel -> kohya's SD3 layout (`lora_unet_<original name>`).
+    """A peft LoRA of SD3Transformer2DModel -> kohya's SD3 layout (`lora_unet_<original name>`), q, k and
+    v of one attention fused into one LoRA on its qkv."""
+    from ..export.lora import fused_kohya
 
-    LoRAs on q, k and v of one attention become one LoRA on its fused qkv weight (`fuse_lora`: stacked
-    downs, block-diagonal up); its rank is the parts' ranks summed, so its alpha is alpha x parts and
-    every part keeps peft's alpha / r."""
-    import torch
-
-    from ..export.lora import fuse_lora, peft_lora_pairs
-
-    pairs = peft_lora_pairs({re.sub(r"^transformer\.", "", k): v for k, v in state.items()}, "transformer LoRA")
-    groups: dict[str, list] = {}
-    rows: dict[str, int] = {}
-    for module, (a, b) in pairs.items():
-        target = mmdit_module(module, inner=a.shape[1], rows=b.shape[0])
-        if target is None:
-            raise ValueError(f"transformer LoRA: {module} has no Linear counterpart in the original SD3 layout "
-                             f"that ComfyUI loads; leave it out of method.target_modules")
-        original, row, fused_rows, swap = target
-        if swap:
-            b = torch.cat(b.chunk(2, dim=0)[::-1])
-        groups.setdefault(original, []).append((a, b, row))
-        rows[original] = fused_rows or b.shape[0]
-    out: dict[str, torch.Tensor] = {}
-    for original, parts in sorted(groups.items()):
-        parts.sort(key=lambda p: p[2])
-        if len({a.shape[0] for a, _, _ in parts}) > 1:
-            raise ValueError(f"transformer LoRA: the parts of {original} have different ranks; one kohya alpha "
-                             "cannot hold them")
-        down, up = fuse_lora(parts, rows[original])
-        name = "lora_unet_" + original.replace(".", "_")
-        out[f"{name}.lora_down.weight"] = down
-        out[f"{name}.lora_up.weight"] = up
-        out[f"{name}.alpha"] = torch.tensor(float(alpha) * len(parts), dtype=torch.float32)
-    return out
+    return fused_kohya(state, alpha, lambda name, a, b: mmdit_module(name, inner=a.shape[1], rows=b.shape[0]),
+                       "SD3")
 
 
 @register_family("sd3")
-class SD3Family(Family):
+class SD3Family(FlowFamily):
     name = "sd3"
     title = "SD3/SD3.5"
     pipeline_class_names = ("StableDiffusion3Pipeline",)
@@ -199,27 +171,10 @@ class SD3Family(Family):
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
         opts = flow_options(cfg)
-        if source.kind == "single_file" and not cfg.config:
-            raise FinetuneError(f"model.config: {source.label} is read as SD3's transformer only; set model.config to "
-                                "an SD3 diffusers folder or hub id (stabilityai/stable-diffusion-3.5-medium) for the rest")
-        components = {}
-        if getattr(cfg, "vae", None):
-            components["vae"] = self._load_vae(cfg, vae_dtype)
-        try:
-            if quantize != "none":
-                components["transformer"] = load_denoiser(SD3Transformer2DModel, source, cfg, "transformer", quantize,
-                                                          dtype)
-            elif source.kind == "single_file":
-                components["transformer"] = SD3Transformer2DModel.from_single_file(
-                    source.location, config=cfg.config, subfolder="transformer", **dtype_kwargs(dtype))
-            where = cfg.config if source.kind == "single_file" else source.location
-            safe = {} if source.kind == "single_file" else {
-                "variant": cfg.variant, "use_safetensors": None if cfg.allow_pickle else True}
-            pipe = self.pipeline_class.from_pretrained(where, revision=cfg.revision, low_cpu_mem_usage=True, **safe,
-                                                       **dtype_kwargs(component_dtypes(dtype, vae_dtype)), **components)
-        except (OSError, ValueError, EnvironmentError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FinetuneError(f"model.base: cannot load {source.label} as SD3/SD3.5: {first}") from e
+        pipe = load_transformer_pipeline(
+            self.pipeline_class, SD3Transformer2DModel, source, cfg, dtype=dtype, vae_dtype=vae_dtype,
+            quantize=quantize, title="SD3/SD3.5", example="stabilityai/stable-diffusion-3.5-medium",
+            vae=self._load_vae(cfg, vae_dtype) if getattr(cfg, "vae", None) else None)
         if pipe.text_encoder_3 is None:
             raise FinetuneError(f"model.base: {source.label} has no T5 text encoder (text_encoder_3); SD3 trains with "
                                 "all three text encoders, as it samples best")
@@ -285,19 +240,6 @@ class SD3Family(Family):
         # T5 carries the whole prompt; CLIP's 77-token cut leaves T5's reading of the rest.
         tok = c.tokenizers["text_encoder_3"]
         return sum(len(tok(cap).input_ids) > T5_MAX_LENGTH for cap in captions)
-
-    def sample_noisy(self, c: Components, latents: torch.Tensor, noise_offset: float = 0.0):
-        # 2x2 patches need even latent sides; small buckets (8-pixel steps) can give odd ones, and
-        # dropping one latent row/column (8 pixels) costs less than refusing the image.
-        h, w = latents.shape[-2] // 2 * 2, latents.shape[-1] // 2 * 2
-        if h == 0 or w == 0:
-            raise FinetuneError(f"SD3 needs images of at least 16x16 pixels; got latents of "
-                                f"{tuple(latents.shape[-2:])}")
-        latents = latents[..., :h, :w]
-        opts = c.extras["flow"]
-        sigmas = shift_sigmas(opts, c.noise_scheduler, draw_sigmas(opts, latents.shape[0], latents.device))
-        noisy, target = noisy_and_target(latents, sigmas, noise_offset)
-        return noisy, sigmas * c.noise_scheduler.config.num_train_timesteps, target
 
     def predict(self, c: Components, noisy, timesteps, cond) -> torch.Tensor:
         dtype, device = noisy.dtype, noisy.device

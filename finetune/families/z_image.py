@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING
 
 from ..errors import FinetuneError
 from . import register_family
-from ._flow import draw_sigmas, flow_loss_weights, flow_options, noisy_and_target, shift_sigmas
-from .base import Components, Family, ModelSource, component_dtypes, dtype_kwargs, load_vae, module_device, place
-from .quantize import load_denoiser
+from ._flow import FlowFamily, flow_options
+from .base import Components, ModelSource, load_vae, module_device, place
+from ._transformer import load_transformer_pipeline
 
 # torch is imported inside the functions that run it: validating a recipe imports every plug-in
 # module, and must not pay for torch (seconds, hundreds of MB) when no model is involved.
@@ -72,37 +72,19 @@ def comfy_module(name: str) -> tuple[str, int | None]:
 
 
 def z_image_to_kohya(state, alpha: float) -> dict[str, torch.Tensor]:
-    """A peft LoRA of ZImageTransformer2DModel -> `lora_unet_<ComfyUI module>` kohya keys.
+    """A peft LoRA of ZImageTransformer2DModel -> `lora_unet_<ComfyUI module>` kohya keys, q, k and v fused
+    into one LoRA on attention.qkv (alpha x 3, as musubi-tuner's converter writes it)."""
+    from ..export.lora import fused_kohya
 
-    LoRAs on q, k and v become one LoRA on the fused qkv weight (`fuse_lora`: stacked downs,
-    block-diagonal up); its rank is the parts' summed rank, so its alpha is alpha * parts, keeping
-    peft's alpha / r for each (musubi-tuner's converter writes alpha * 3 the same way)."""
-    import torch
+    def locate(name, a, b):
+        target, part = comfy_module(name)
+        return (target, part * b.shape[0], 3 * b.shape[0], False) if part is not None else (target, 0, None, False)
 
-    from ..export.lora import fuse_lora, peft_lora_pairs
-
-    pairs = peft_lora_pairs({re.sub(r"^transformer\.", "", k): v for k, v in state.items()}, "transformer LoRA")
-    groups: dict[str, list] = {}
-    rows: dict[str, int] = {}
-    for module, (a, b) in pairs.items():
-        target, part = comfy_module(module)
-        groups.setdefault(target, []).append((a, b, (part or 0) * b.shape[0]))
-        rows[target] = 3 * b.shape[0] if part is not None else b.shape[0]
-    out: dict[str, torch.Tensor] = {}
-    for target, parts in sorted(groups.items()):
-        if len({a.shape[0] for a, _, _ in parts}) > 1:
-            raise ValueError(f"transformer LoRA: the parts of {target} have different ranks; one kohya alpha "
-                             "cannot hold them")
-        down, up = fuse_lora(sorted(parts, key=lambda p: p[2]), rows[target])
-        name = "lora_unet_" + target.replace(".", "_")
-        out[f"{name}.lora_down.weight"] = down
-        out[f"{name}.lora_up.weight"] = up
-        out[f"{name}.alpha"] = torch.tensor(float(alpha) * len(parts), dtype=torch.float32)
-    return out
+    return fused_kohya(state, alpha, locate, "Z-Image")
 
 
 @register_family("z_image")
-class ZImageFamily(Family):
+class ZImageFamily(FlowFamily):
     name = "z_image"
     title = "Z-Image"
     pipeline_class_names = ("ZImagePipeline",)
@@ -133,23 +115,10 @@ class ZImageFamily(Family):
              quantize: str = "none") -> Components:
         from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
 
-        if source.kind == "single_file":
-            raise FinetuneError(f"model.base: {source.label} is a single file, which holds only Z-Image's transformer; "
-                                "use a diffusers folder or hub id (Tongyi-MAI/Z-Image)")
-        components = {}
-        if getattr(cfg, "vae", None):
-            components["vae"] = self._load_vae(cfg, vae_dtype)
-        try:
-            if quantize != "none":
-                components["transformer"] = load_denoiser(ZImageTransformer2DModel, source, cfg, "transformer",
-                                                          quantize, dtype)
-            pipe = self.pipeline_class.from_pretrained(
-                source.location, revision=cfg.revision, variant=cfg.variant,
-                use_safetensors=None if cfg.allow_pickle else True, low_cpu_mem_usage=True,
-                **dtype_kwargs(component_dtypes(dtype, vae_dtype)), **components)
-        except (OSError, ValueError, EnvironmentError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FinetuneError(f"model.base: cannot load {source.label} as Z-Image: {first}") from e
+        pipe = load_transformer_pipeline(
+            self.pipeline_class, ZImageTransformer2DModel, source, cfg, dtype=dtype, vae_dtype=vae_dtype,
+            quantize=quantize, title="Z-Image", example="Tongyi-MAI/Z-Image",
+            vae=self._load_vae(cfg, vae_dtype) if getattr(cfg, "vae", None) else None)
         return place(Components(
             pipeline=pipe, denoiser=pipe.transformer, vae=pipe.vae,
             text_encoders={"text_encoder": pipe.text_encoder}, tokenizers={"text_encoder": pipe.tokenizer},
@@ -205,30 +174,13 @@ class ZImageFamily(Family):
             kw["negative_prompt_embeds"] = negative
         return kw
 
-    def sample_noisy(self, c: Components, latents: torch.Tensor, noise_offset: float = 0.0):
-        # 2x2 patches need even latent sides; small buckets (8-pixel steps) can give odd ones, and
-        # dropping one latent row/column (8 pixels) costs less than refusing the image.
-        h, w = latents.shape[-2] // 2 * 2, latents.shape[-1] // 2 * 2
-        if h == 0 or w == 0:
-            raise FinetuneError(f"Z-Image needs images of at least 16x16 pixels; got latents of "
-                                f"{tuple(latents.shape[-2:])}")
-        latents = latents[..., :h, :w]
-        sigmas = self.sample_sigmas(c, latents.shape[0], image_seq_len=(h // 2) * (w // 2), device=latents.device)
-        noisy, target = noisy_and_target(latents, sigmas, noise_offset)
-        return noisy, sigmas * c.noise_scheduler.config.num_train_timesteps, target
+    def shift_mu(self, c: Components, image_seq_len: int) -> float:
+        # Only asked by a scheduler with dynamic shifting; the published Z-Image ones have none.
+        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
 
-    def sample_sigmas(self, c: Components, n: int, image_seq_len: int, device=None) -> torch.Tensor:
-        """n noise levels in (0, 1), drawn and shifted as the options say (float32)."""
-        def mu():  # only asked by a scheduler with dynamic shifting; the published ones have none
-            from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
-
-            cfg = c.noise_scheduler.config
-            return calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256),
-                                   cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                                   cfg.get("max_shift", 1.15))
-
-        opts = c.extras["flow"]
-        return shift_sigmas(opts, c.noise_scheduler, draw_sigmas(opts, n, device), mu)
+        cfg = c.noise_scheduler.config
+        return calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                               cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
 
     def predict(self, c: Components, noisy, timesteps, cond) -> torch.Tensor:
         import torch
@@ -242,9 +194,6 @@ class ZImageFamily(Family):
         t = 1.0 - timesteps.float() / c.noise_scheduler.config.num_train_timesteps
         out = c.denoiser(list(noisy.unsqueeze(2).unbind(0)), t, captions, return_dict=False)[0]
         return -torch.stack(out).squeeze(2)  # it predicts latents - noise; the target is noise - latents
-
-    def loss_weights(self, c: Components, timesteps, min_snr_gamma):
-        return flow_loss_weights(c.extras["flow"], c.noise_scheduler, timesteps, min_snr_gamma, "Z-Image")
 
     def kohya_lora(self, denoiser_state, text_encoder_states, denoiser_alpha, text_encoder_alphas):
         if any(text_encoder_states.values() if text_encoder_states else ()):
