@@ -127,6 +127,14 @@ class FlowFamily(Family):
     scheduler shifts by resolution, and `patch`, the latent side its transformer's patches take."""
 
     patch: ClassVar[int] = 2  # 2x2 latent patches (FLUX.1, SD3, Qwen-Image, Z-Image); FLUX.2 packs in its VAE step
+    vae_class: ClassVar[str] = "AutoencoderKL"  # the diffusers class a `model.vae` is read as
+    latent_channels: ClassVar[int] = 16
+
+    def _load_vae(self, cfg, dtype=None):
+        """`model.vae`, loaded instead of the base's (which is then never read)."""
+        from .base import load_vae
+
+        return load_vae(cfg, dtype, self.vae_class, self.latent_channels, self.title)
 
     def shift_mu(self, c: Components, image_seq_len: int) -> float:
         """The resolution-dependent shift exponent the pipeline samples with (dynamic shifting only)."""

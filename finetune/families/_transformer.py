@@ -10,14 +10,15 @@ from .base import ModelSource, component_dtypes, dtype_kwargs
 from .quantize import load_denoiser
 
 
-def load_transformer_pipeline(pipeline_class, transformer_class, source: ModelSource, cfg, *, dtype, vae_dtype,
-                              quantize: str, title: str, example: str, vae=None):
-    """`pipeline_class.from_pretrained` of `source` (`example`: the hub id named when a single file
-    lacks model.config); `vae`: a VAE loaded instead of the model's (model.vae)."""
+def load_transformer_pipeline(family, pipeline_class, transformer_class, source: ModelSource, cfg, *, dtype, vae_dtype,
+                              quantize: str, example: str):
+    """`pipeline_class.from_pretrained` of `source` for `family` (a FlowFamily; `example`: the hub id
+    named when a single file lacks model.config), with `model.vae` instead of the model's VAE if set."""
+    title = family.title
     if source.kind == "single_file" and not cfg.config:
         raise FinetuneError(f"model.config: {source.label} holds only {title}'s transformer; set model.config to a "
                             f"{title} diffusers folder or hub id ({example}) for the rest")
-    components = {"vae": vae} if vae is not None else {}
+    components = {"vae": family._load_vae(cfg, vae_dtype)} if getattr(cfg, "vae", None) else {}
     try:
         if quantize != "none":
             components["transformer"] = load_denoiser(transformer_class, source, cfg, "transformer", quantize, dtype)

@@ -341,19 +341,26 @@ def vae_problem(vae: str, offline_cache: bool = True) -> str | None:
     return None
 
 
-def load_vae(cfg, dtype: torch.dtype | None = None):
-    """The VAE `cfg.vae` names (a diffusers VAE folder, a model folder with vae/, or a hub id),
-    safetensors only unless `cfg.allow_pickle`, read in `dtype` (None: float32); one FinetuneError
-    line when it does not load."""
-    from diffusers import AutoencoderKL
+def load_vae(cfg, dtype: torch.dtype | None = None, vae_class: str = "AutoencoderKL", channels: int | None = None,
+             title: str = ""):
+    """The VAE `cfg.vae` names (a diffusers VAE folder, a model folder with vae/, or a hub id) as the
+    diffusers class `vae_class`, safetensors only unless `cfg.allow_pickle`, read in `dtype` (None:
+    float32); one FinetuneError line when it does not load, or when `title`'s model needs `channels`
+    latent channels and it has others."""
+    import diffusers
 
     try:
         sub = "vae" if (Path(cfg.vae).expanduser() / "vae").is_dir() else None
-        return AutoencoderKL.from_pretrained(cfg.vae, subfolder=sub, use_safetensors=None if cfg.allow_pickle else True,
-                                             **dtype_kwargs(dtype))
+        vae = getattr(diffusers, vae_class).from_pretrained(
+            cfg.vae, subfolder=sub, use_safetensors=None if cfg.allow_pickle else True, **dtype_kwargs(dtype))
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FinetuneError(f"model.vae: cannot load {cfg.vae}: {first}") from e
+    has = vae.config.get("latent_channels", vae.config.get("z_dim"))
+    if channels is not None and has != channels:
+        raise FinetuneError(f"model.vae: {cfg.vae} has {has} latent channels; {title} needs a {channels}-channel "
+                            f"{vae_class} (its own, or one trained for it)")
+    return vae
 
 
 def _cached(repo: str, filename: str, revision: str | None) -> Path | None:

@@ -26,10 +26,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from ..errors import FinetuneError
 from . import register_family
 from ._flow import FlowFamily, FlowOptions, flow_options, guidance_value
-from .base import Components, ModelSource, load_vae, module_device, place
+from .base import Components, ModelSource, module_device, place
 from ._transformer import load_transformer_pipeline
 
 # torch is imported inside the functions that run it: validating a recipe imports every plug-in
@@ -162,9 +161,8 @@ class FluxFamily(FlowFamily):
         opts = flow_options(cfg)
         # A single file (flux1-dev.safetensors) holds the transformer only.
         pipe = load_transformer_pipeline(
-            self.pipeline_class, FluxTransformer2DModel, source, cfg, dtype=dtype, vae_dtype=vae_dtype,
-            quantize=quantize, title="FLUX.1", example="black-forest-labs/FLUX.1-dev",
-            vae=self._load_vae(cfg, vae_dtype) if getattr(cfg, "vae", None) else None)
+            self, self.pipeline_class, FluxTransformer2DModel, source, cfg, dtype=dtype, vae_dtype=vae_dtype,
+            quantize=quantize, example="black-forest-labs/FLUX.1-dev")
         transformer = pipe.transformer
         return place(Components(
             pipeline=pipe, denoiser=transformer, vae=pipe.vae,
@@ -175,13 +173,6 @@ class FluxFamily(FlowFamily):
             extras={"flow": opts, "guidance_embeds": bool(transformer.config.guidance_embeds),
                     "vae_scale_factor": pipe.vae_scale_factor},
         ), device)
-
-    def _load_vae(self, cfg, dtype=None):
-        vae = load_vae(cfg, dtype)
-        if vae.config.latent_channels != 16:
-            raise FinetuneError(f"model.vae: {cfg.vae} has {vae.config.latent_channels} latent channels; FLUX.1 needs "
-                                "a 16-channel VAE (its own, or one trained for it)")
-        return vae
 
     def encode_images(self, c: Components, pixels: torch.Tensor) -> torch.Tensor:
         vae = c.vae

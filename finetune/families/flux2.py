@@ -29,13 +29,12 @@ reads the same names back (0.42.1).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import FinetuneError
 from . import register_family
 from ._flow import FlowFamily, flow_options, guidance_value
-from .base import Components, ModelSource, dtype_kwargs, module_device, place
+from .base import Components, ModelSource, module_device, place
 from ._transformer import load_transformer_pipeline
 
 # torch is imported inside the functions that run it: validating a recipe imports every plug-in
@@ -156,6 +155,8 @@ class Flux2Family(FlowFamily):
     kohya_apps = "ComfyUI"  # AUTOMATIC1111 and Forge run no FLUX.2
     default_resolution = 1024
     denoiser_component = "transformer"
+    vae_class = "AutoencoderKLFlux2"
+    latent_channels = LATENT_CHANNELS
     patch = 1  # its latents are patchified (and cropped to whole patches) as they are encoded
 
     def __init__(self):
@@ -184,9 +185,8 @@ class Flux2Family(FlowFamily):
 
         # DiffusionPipeline: the model_index says which of the two pipelines ([dev] or [klein]) it is.
         pipe = load_transformer_pipeline(
-            DiffusionPipeline, Flux2Transformer2DModel, source, cfg, dtype=dtype, vae_dtype=vae_dtype,
-            quantize=quantize, title="FLUX.2", example="black-forest-labs/FLUX.2-dev",
-            vae=self._load_vae(cfg, vae_dtype) if getattr(cfg, "vae", None) else None)
+            self, DiffusionPipeline, Flux2Transformer2DModel, source, cfg, dtype=dtype, vae_dtype=vae_dtype,
+            quantize=quantize, example="black-forest-labs/FLUX.2-dev")
         if type(pipe).__name__ not in self.pipeline_class_names:
             raise FinetuneError(f"model.base: {source.label} is a {type(pipe).__name__}, not a FLUX.2 pipeline "
                                 f"({' or '.join(self.pipeline_class_names)}); set model.family to its family")
@@ -207,21 +207,6 @@ class Flux2Family(FlowFamily):
                     "variant": variant, "klein": type(pipe).__name__ == "Flux2KleinPipeline",
                     "distilled": bool(pipe.config.get("is_distilled", False))},
         ), device)
-
-    def _load_vae(self, cfg, dtype=None):
-        from diffusers import AutoencoderKLFlux2
-
-        try:
-            sub = "vae" if (Path(cfg.vae).expanduser() / "vae").is_dir() else None
-            vae = AutoencoderKLFlux2.from_pretrained(cfg.vae, subfolder=sub, **dtype_kwargs(dtype),
-                                                     use_safetensors=None if cfg.allow_pickle else True)
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FinetuneError(f"model.vae: cannot load {cfg.vae}: {first}") from e
-        if vae.config.latent_channels != LATENT_CHANNELS:
-            raise FinetuneError(f"model.vae: {cfg.vae} has {vae.config.latent_channels} latent channels; FLUX.2 "
-                                f"needs its {LATENT_CHANNELS}-channel AutoencoderKLFlux2")
-        return vae
 
     def encode_images(self, c: Components, pixels: torch.Tensor) -> torch.Tensor:
         """Patchified, batch-normed latents (batch, 128, h/16, w/16), as the pipeline's `_encode_vae_image`

@@ -33,13 +33,11 @@ QwenImagePipeline.load_lora_weights reads it back (`_convert_non_diffusers_qwen_
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import FinetuneError
 from . import register_family
 from ._flow import FlowFamily, flow_options
-from .base import Components, ModelSource, dtype_kwargs, module_device, place
+from .base import Components, ModelSource, module_device, place
 from ._transformer import load_transformer_pipeline
 
 # torch is imported inside the functions that run it: validating a recipe imports every plug-in
@@ -66,6 +64,7 @@ class QwenImageFamily(FlowFamily):
     title = "Qwen-Image"
     pipeline_class_names = ("QwenImagePipeline",)
     guidance_keyword = "true_cfg_scale"
+    vae_class = "AutoencoderKLQwenImage"
     text_encoder_names = ("text_encoder",)
     trainable_text_encoders = ()  # Qwen2.5-VL 7B stays frozen, as in every reference trainer
     refused_methods = {
@@ -99,9 +98,8 @@ class QwenImageFamily(FlowFamily):
         opts = flow_options(cfg)
         # A single file (ComfyUI's qwen_image_bf16.safetensors) holds the transformer only.
         pipe = load_transformer_pipeline(
-            self.pipeline_class, QwenImageTransformer2DModel, source, cfg, dtype=dtype, vae_dtype=vae_dtype,
-            quantize=quantize, title="Qwen-Image", example="Qwen/Qwen-Image",
-            vae=self._load_vae(cfg, vae_dtype) if getattr(cfg, "vae", None) else None)
+            self, self.pipeline_class, QwenImageTransformer2DModel, source, cfg, dtype=dtype, vae_dtype=vae_dtype,
+            quantize=quantize, example="Qwen/Qwen-Image")
         return place(Components(
             pipeline=pipe, denoiser=pipe.transformer, vae=pipe.vae,
             text_encoders={"text_encoder": pipe.text_encoder}, tokenizers={"text_encoder": pipe.tokenizer},
@@ -111,21 +109,6 @@ class QwenImageFamily(FlowFamily):
                     "template": pipe.prompt_template_encode, "template_drop": pipe.prompt_template_encode_start_idx,
                     "tokenizer_max_length": pipe.tokenizer_max_length},
         ), device)
-
-    def _load_vae(self, cfg, dtype=None):
-        """`model.vae` as an AutoencoderKLQwenImage (a VAE folder, a model folder with vae/, or a hub id)."""
-        from diffusers import AutoencoderKLQwenImage
-
-        try:
-            sub = "vae" if (Path(cfg.vae).expanduser() / "vae").is_dir() else None
-            vae = AutoencoderKLQwenImage.from_pretrained(cfg.vae, subfolder=sub, **dtype_kwargs(dtype),
-                                                         use_safetensors=None if cfg.allow_pickle else True)
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FinetuneError(f"model.vae: cannot load {cfg.vae} as Qwen-Image's VAE: {first}") from e
-        if vae.config.z_dim != 16:
-            raise FinetuneError(f"model.vae: {cfg.vae} has {vae.config.z_dim} latent channels; Qwen-Image needs 16")
-        return vae
 
     def encode_images(self, c: Components, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, 16, H/8, W/8): the VAE's single frame axis is dropped here and restored

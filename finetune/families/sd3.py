@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from ..errors import FinetuneError
 from . import register_family
 from ._flow import FlowFamily, flow_loss_weights, flow_options
-from .base import Components, ModelSource, load_vae, module_device, place
+from .base import Components, ModelSource, module_device, place
 from ._transformer import load_transformer_pipeline
 
 # torch is imported inside the functions that run it: validating a recipe imports every plug-in
@@ -172,9 +172,8 @@ class SD3Family(FlowFamily):
 
         opts = flow_options(cfg)
         pipe = load_transformer_pipeline(
-            self.pipeline_class, SD3Transformer2DModel, source, cfg, dtype=dtype, vae_dtype=vae_dtype,
-            quantize=quantize, title="SD3/SD3.5", example="stabilityai/stable-diffusion-3.5-medium",
-            vae=self._load_vae(cfg, vae_dtype) if getattr(cfg, "vae", None) else None)
+            self, self.pipeline_class, SD3Transformer2DModel, source, cfg, dtype=dtype, vae_dtype=vae_dtype,
+            quantize=quantize, example="stabilityai/stable-diffusion-3.5-medium")
         if pipe.text_encoder_3 is None:
             raise FinetuneError(f"model.base: {source.label} has no T5 text encoder (text_encoder_3); SD3 trains with "
                                 "all three text encoders, as it samples best")
@@ -191,13 +190,6 @@ class SD3Family(FlowFamily):
             # Read here, not from the denoiser later: accelerate may wrap it (DDP has no .config).
             extras={"flow": opts, "sd3_version": self._version},
         ), device)
-
-    def _load_vae(self, cfg, dtype=None):
-        vae = load_vae(cfg, dtype)
-        if vae.config.latent_channels != 16:
-            raise FinetuneError(f"model.vae: {cfg.vae} has {vae.config.latent_channels} latent channels; SD3 needs a "
-                                "16-channel VAE (its own, or one trained for it)")
-        return vae
 
     def encode_images(self, c: Components, pixels: torch.Tensor) -> torch.Tensor:
         vae = c.vae

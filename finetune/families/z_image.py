@@ -33,10 +33,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from ..errors import FinetuneError
 from . import register_family
 from ._flow import FlowFamily, flow_options
-from .base import Components, ModelSource, load_vae, module_device, place
+from .base import Components, ModelSource, module_device, place
 from ._transformer import load_transformer_pipeline
 
 # torch is imported inside the functions that run it: validating a recipe imports every plug-in
@@ -116,9 +115,8 @@ class ZImageFamily(FlowFamily):
         from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
 
         pipe = load_transformer_pipeline(
-            self.pipeline_class, ZImageTransformer2DModel, source, cfg, dtype=dtype, vae_dtype=vae_dtype,
-            quantize=quantize, title="Z-Image", example="Tongyi-MAI/Z-Image",
-            vae=self._load_vae(cfg, vae_dtype) if getattr(cfg, "vae", None) else None)
+            self, self.pipeline_class, ZImageTransformer2DModel, source, cfg, dtype=dtype, vae_dtype=vae_dtype,
+            quantize=quantize, example="Tongyi-MAI/Z-Image")
         return place(Components(
             pipeline=pipe, denoiser=pipe.transformer, vae=pipe.vae,
             text_encoders={"text_encoder": pipe.text_encoder}, tokenizers={"text_encoder": pipe.tokenizer},
@@ -126,13 +124,6 @@ class ZImageFamily(FlowFamily):
             # Read here, not from the denoiser later: accelerate may wrap it (DDP has no .config).
             extras={"flow": flow_options(cfg)},
         ), device)
-
-    def _load_vae(self, cfg, dtype=None):
-        vae = load_vae(cfg, dtype)
-        if vae.config.latent_channels != 16:
-            raise FinetuneError(f"model.vae: {cfg.vae} has {vae.config.latent_channels} latent channels; Z-Image needs "
-                                "a 16-channel VAE (its own, which is FLUX.1's)")
-        return vae
 
     def encode_images(self, c: Components, pixels: torch.Tensor) -> torch.Tensor:
         vae = c.vae
