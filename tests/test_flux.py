@@ -5,7 +5,6 @@ it, and reads back in diffusers as the same LoRA; timestep sampling and shift gi
 samples with; [schnell] (no guidance embedding) trains too."""
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,66 +14,27 @@ from safetensors.torch import load_file
 
 from finetune.errors import FinetuneError
 from finetune.families.flux import FluxOptions, flux_to_kohya
-from finetune.recipe import validate
-from finetune.recipe.schema import ModelConfig
-from finetune.train import train
 
-from .helpers import loss_before_and_after, make_image_folder, tiny_recipe
+from .helpers import (TinyPipeline, assert_frozen, assert_kohya_applies_as_trained, bfl_block_names,
+                      bfl_double_block_targets, kohya_file, load_diffusers_file, load_family, lora_modules,
+                      loss_before_and_after, real_kohya_names, tiny_model_fixture, train_lora, train_quietly,
+                      two_image_recipe)
 
-REAL_NAMES = {line.strip() for line in (Path(__file__).parent / "data" / "flux_kohya_lora_keys.txt").read_text().splitlines()
-              if line.strip() and not line.startswith("#")}
+REAL_NAMES = real_kohya_names("flux")
 INNER = 32  # the tiny model's width (heads x head dim)
+PIPELINE = TinyPipeline("FluxPipeline")
 
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory):
-    from finetune.tiny_models.flux import build_tiny_flux
-
-    return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
-
-
-@pytest.fixture(scope="module")
-def tiny_schnell(tmp_path_factory):
-    from finetune.tiny_models.flux import build_tiny_flux
-
-    return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux-schnell", variant="schnell")
+tiny_flux = tiny_model_fixture("flux.build_tiny_flux", "tiny-flux")
+tiny_schnell = tiny_model_fixture("flux.build_tiny_flux", "tiny-flux-schnell", variant="schnell")
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_flux, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("flux")
-    data = make_image_folder(tmp / "data", n=4, sizes=((64, 64),))
-    r = tiny_recipe(tiny_flux, data, tmp / "out", training__max_steps=40, training__batch_size=4,
-                    training__learning_rate=5e-3)
-    r["method"].update(rank=8, alpha=4)  # alpha != rank: the exported scale must follow alpha / rank
-    return train(validate(r, "test"), log=lambda *_: None, progress=False), data
+    return train_lora(tiny_flux, tmp_path_factory.mktemp("flux"), max_steps=40, learning_rate=5e-3)
 
 
 def load(model, **options):
-    from finetune.families import get_family
-    from finetune.families.base import resolve_source
-
-    family = get_family("flux")
-    cfg = ModelConfig(base=str(model), flow=FluxOptions(**options))
-    return family, family.load(resolve_source(str(model)), cfg)
-
-
-def _pipe(model):
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _image(pipe):
-    return pipe("a photo of sks ball", num_inference_steps=2, width=64, height=64, output_type="np",
-                generator=torch.Generator().manual_seed(0)).images[0]
-
-
-def _lora_modules(module) -> set[str]:
-    return {n.rsplit(".lora_A", 1)[0] for n, _ in module.named_modules() if n.endswith(".lora_A")}
+    return load_family("flux", model, flow=FluxOptions(**options))
 
 
 # ------------------------------------------------------------------ training and the diffusers file
@@ -92,13 +52,7 @@ def test_lora_training_lowers_the_loss_on_the_training_images(trained, tiny_flux
 @pytest.mark.smoke
 def test_diffusers_file_loads_into_every_module_and_changes_the_output(trained, tiny_flux):
     result, _ = trained
-    pipe = _pipe(tiny_flux)
-    plain = _image(pipe)
-    pipe.load_lora_weights(str(result.run_dir), adapter_name="d")
-    assert np.abs(_image(pipe) - plain).max() > 1e-3, "the LoRA did not change the output"
-    with safe_open(str(result.run_dir / "pytorch_lora_weights.safetensors"), "pt") as f:
-        in_file = {k[len("transformer."):].rsplit(".lora_", 1)[0] for k in f.keys()}
-    assert _lora_modules(pipe.transformer) == in_file
+    in_file = load_diffusers_file(PIPELINE, tiny_flux, result.run_dir)
     # The default targets: attention and MLPs of both block kinds, no modulation, not the final layer.
     assert "single_transformer_blocks.1.proj_out" in in_file and "single_transformer_blocks.0.proj_mlp" in in_file
     assert "transformer_blocks.1.attn.add_v_proj" in in_file and "transformer_blocks.0.ff_context.net.2" in in_file
@@ -109,11 +63,8 @@ def test_frozen_transformer_and_text_encoders_unchanged(trained, tiny_flux):
     result, _ = trained
     c = result.components
     for part, module in [("transformer", c.denoiser), ("text_encoder_2", c.text_encoders["text_encoder_2"])]:
-        saved = load_file(tiny_flux / part / ("diffusion_pytorch_model.safetensors" if part == "transformer"
-                                              else "model.safetensors"))
-        current = {k.replace(".base_layer", ""): v for k, v in module.state_dict().items() if "lora_" not in k}
-        for k, v in saved.items():
-            assert torch.equal(current[k], v), (part, k)
+        assert_frozen(module, tiny_flux / part / ("diffusion_pytorch_model.safetensors" if part == "transformer"
+                                                  else "model.safetensors"), part)
 
 
 # ------------------------------------------------------------------ the kohya / ComfyUI file
@@ -121,17 +72,12 @@ def test_frozen_transformer_and_text_encoders_unchanged(trained, tiny_flux):
 
 def test_kohya_names_and_shapes_are_the_real_flux_ones(trained):
     result, _ = trained
-    with safe_open(str(result.run_dir / "run.safetensors"), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata()
+    state, meta = kohya_file(result.run_dir)
     names = {k.split(".")[0] for k in state}
     assert names <= REAL_NAMES, sorted(names - REAL_NAMES)
     # Both block kinds at both indices, with the same modules a real kohya FLUX LoRA has (less modulation).
     for i in (0, 1):
-        assert {f"lora_unet_double_blocks_{i}_{m}" for m in
-                ("img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mlp_2", "txt_attn_qkv", "txt_attn_proj",
-                 "txt_mlp_0", "txt_mlp_2")} <= names
-        assert {f"lora_unet_single_blocks_{i}_linear1", f"lora_unet_single_blocks_{i}_linear2"} <= names
+        assert bfl_block_names(i) <= names, sorted(bfl_block_names(i) - names)
     # Fused weights have the real proportions (3 x width for qkv, 7 x for linear1, 5 x into linear2).
     assert state["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].shape[0] == 3 * INNER
     assert state["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape[0] == 7 * INNER
@@ -142,16 +88,7 @@ def test_kohya_names_and_shapes_are_the_real_flux_ones(trained):
 def _comfyui_targets(n_double: int, n_single: int, h: int) -> dict[str, tuple[str, int, int]]:
     """diffusers Linear -> (BFL weight, first row, rows): ComfyUI's comfy/utils.py flux_to_diffusers
     (commit 41444b5236c613ee5ff7d09aa620f94b702f30eb), Linear weights only, restated here."""
-    table = {}
-    for i in range(n_double):
-        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for j, (img, txt) in enumerate([("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj")]):
-            table[d + "attn." + img] = (b + "img_attn.qkv", j * h, h)
-            table[d + "attn." + txt] = (b + "txt_attn.qkv", j * h, h)
-        for ours, bfl in [("attn.to_out.0", "img_attn.proj"), ("attn.to_add_out", "txt_attn.proj"),
-                          ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"),
-                          ("ff_context.net.0.proj", "txt_mlp.0"), ("ff_context.net.2", "txt_mlp.2")]:
-            table[d + ours] = (b + bfl, 0, None)
+    table = bfl_double_block_targets(n_double, h, "net.0.proj", "net.2")
     for i in range(n_single):
         s, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
         for j, m in enumerate(["attn.to_q", "attn.to_k", "attn.to_v"]):
@@ -165,30 +102,8 @@ def test_kohya_file_applies_in_comfyui_as_the_trained_lora(trained):
     """ComfyUI adds alpha / rank * up @ down to the BFL weight named by each key; every slice of every
     fused weight must get exactly the trained module's delta (zero where no module was adapted)."""
     result, _ = trained
-    kohya = load_file(result.run_dir / "run.safetensors")
-    peft = load_file(result.run_dir / "pytorch_lora_weights.safetensors")
-    with safe_open(str(result.run_dir / "pytorch_lora_weights.safetensors"), "pt") as f:
-        import json
-
-        meta = json.loads(f.metadata()["lora_adapter_metadata"])
-    scale = meta["transformer.lora_alpha"] / meta["transformer.r"]
-    table = _comfyui_targets(2, 2, INNER)
-    key_of = {"lora_unet_" + bfl.replace(".", "_"): bfl for bfl, _, _ in table.values()}
-    deltas = {}
-    for name in {k.split(".")[0] for k in kohya}:
-        down, up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
-        deltas[key_of[name]] = kohya[f"{name}.alpha"].item() / down.shape[0] * (up @ down)
-    checked = 0
-    for module, (bfl, row, rows) in table.items():
-        a, b = peft.get(f"transformer.{module}.lora_A.weight"), peft.get(f"transformer.{module}.lora_B.weight")
-        if bfl not in deltas:
-            assert a is None, f"{module} trained but {bfl} is missing from the kohya file"
-            continue
-        got = deltas[bfl][row:row + (rows or deltas[bfl].shape[0])]
-        want = scale * (b @ a) if a is not None else torch.zeros_like(got)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        checked += a is not None
-    assert checked == len({k.rsplit(".lora_", 1)[0] for k in peft})
+    # The default targets leave some of the table's modules out (e.g. the final layer).
+    assert_kohya_applies_as_trained(result.run_dir, _comfyui_targets(2, 2, INNER), complete=False)
 
 
 # The partial file's adapter config still names the modules left out; peft says so.
@@ -207,13 +122,13 @@ def test_kohya_file_loads_in_diffusers_to_the_same_model(trained, tiny_flux):
     with safe_open(str(result.run_dir / "pytorch_lora_weights.safetensors"), "pt") as f:
         meta = f.metadata()
     save_file(peft, result.run_dir / "peft_part.safetensors", metadata=meta)
-    pipe = _pipe(tiny_flux)
-    plain = _image(pipe)
+    pipe = PIPELINE.load(tiny_flux)
+    plain = PIPELINE.image(pipe)
     pipe.load_lora_weights(str(result.run_dir), weight_name="peft_part.safetensors", adapter_name="d")
-    with_diffusers = _image(pipe)
-    pipe = _pipe(tiny_flux)
+    with_diffusers = PIPELINE.image(pipe)
+    pipe = PIPELINE.load(tiny_flux)
     pipe.load_lora_weights(kohya, adapter_name="k")
-    with_kohya = _image(pipe)
+    with_kohya = PIPELINE.image(pipe)
     assert np.abs(with_diffusers - plain).max() > 1e-3
     assert np.abs(with_kohya - with_diffusers).max() < 1e-5
 
@@ -320,7 +235,7 @@ def test_guidance_embedding_only_for_dev(tiny_flux, tiny_schnell):
     cond = family.encode_prompts(c, ["a photo"])
     with torch.no_grad():
         one = family.predict(c, noisy, t, cond)
-        c.extras["flux"] = FluxOptions(guidance_scale=4.0)
+        c.extras["flow"] = FluxOptions(guidance_scale=4.0)
         four = family.predict(c, noisy, t, cond)
     assert (one - four).abs().max() > 1e-4
     family, c = load(tiny_schnell)
@@ -348,59 +263,49 @@ def test_long_captions_are_counted_against_t5(tiny_flux):
 
 
 def test_schnell_trains_and_its_lora_loads(tiny_schnell, tmp_path):
-    data = make_image_folder(tmp_path / "data", n=2, sizes=((64, 64),))
-    r = tiny_recipe(tiny_schnell, data, tmp_path / "out", training__max_steps=2)
-    result = train(validate(r, "test"), log=lambda *_: None, progress=False)
-    pipe = _pipe(tiny_schnell)
-    plain = _image(pipe)
+    result = train_quietly(two_image_recipe(tiny_schnell, tmp_path, training__max_steps=2))
+    pipe = PIPELINE.load(tiny_schnell)
+    plain = PIPELINE.image(pipe)
     pipe.load_lora_weights(str(result.run_dir), adapter_name="d")
-    assert np.abs(_image(pipe) - plain).max() > 1e-4
+    assert np.abs(PIPELINE.image(pipe) - plain).max() > 1e-4
     names = {k.split(".")[0] for k in load_file(result.run_dir / "run.safetensors")}
     assert "lora_unet_single_blocks_1_linear1" in names and names <= REAL_NAMES
 
 
 def test_clip_lora_trains_and_t5_stays_frozen(tiny_flux, tmp_path):
     """train_text_encoder adapts CLIP-L only (Family.trainable_text_encoders): T5 gets no adapter."""
-    data = make_image_folder(tmp_path / "data", n=2, sizes=((64, 64),))
-    r = tiny_recipe(tiny_flux, data, tmp_path / "out", training__max_steps=3)
+    r = two_image_recipe(tiny_flux, tmp_path, training__max_steps=3)
     r["method"].update(train_text_encoder=True, text_encoder_lr=1e-3)
-    result = train(validate(r, "test"), log=lambda *_: None, progress=False)
+    result = train_quietly(r)
     c = result.components
-    assert _lora_modules(c.text_encoders["text_encoder"]) and not _lora_modules(c.text_encoders["text_encoder_2"])
+    assert lora_modules(c.text_encoders["text_encoder"]) and not lora_modules(c.text_encoders["text_encoder_2"])
     names = {k.split(".")[0] for k in load_file(result.run_dir / "run.safetensors")}
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in names and names <= REAL_NAMES
-    pipe = _pipe(tiny_flux)
-    plain = _image(pipe)
+    pipe = PIPELINE.load(tiny_flux)
+    plain = PIPELINE.image(pipe)
     pipe.load_lora_weights({k: v for k, v in load_file(result.run_dir / "run.safetensors").items()
                             if k.startswith("lora_te1_")}, adapter_name="te")
     assert pipe.get_list_adapters() == {"text_encoder": ["te"]}
-    assert np.abs(_image(pipe) - plain).max() > 1e-4
+    assert np.abs(PIPELINE.image(pipe) - plain).max() > 1e-4
 
 
 def test_model_vae_must_have_flux_latent_channels(tiny_flux, tmp_path):
     from diffusers import AutoencoderKL
 
-    from finetune.families import get_family
-    from finetune.families.base import resolve_source
-
-    family = get_family("flux")
-    c = family.load(resolve_source(str(tiny_flux)), ModelConfig(base=str(tiny_flux), vae=str(tiny_flux)))
+    _, c = load_family("flux", tiny_flux, vae=str(tiny_flux))
     assert c.vae.config.latent_channels == 16
     AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4).save_pretrained(tmp_path / "sd-vae")
     with pytest.raises(FinetuneError, match="16-channel"):
-        family.load(resolve_source(str(tiny_flux)), ModelConfig(base=str(tiny_flux), vae=str(tmp_path / "sd-vae")))
+        load_family("flux", tiny_flux, vae=str(tmp_path / "sd-vae"))
 
 
 def test_single_file_needs_a_config_for_the_rest(tmp_path):
     from safetensors.torch import save_file
 
-    from finetune.families import get_family
-    from finetune.families.base import resolve_source
-
     path = tmp_path / "flux1-dev.safetensors"
     save_file({"img_in.weight": torch.zeros(1)}, path)
     with pytest.raises(FinetuneError, match="model.config") as e:
-        get_family("flux").load(resolve_source(str(path)), ModelConfig(base=str(path)))
+        load_family("flux", path)
     assert "\n" not in str(e.value)
 
 

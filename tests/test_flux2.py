@@ -4,76 +4,36 @@ and changes the output; the kohya file has the real FLUX.2 LoRA names (BFL modul
 applies as ComfyUI applies it and reads back in diffusers as the same LoRA; latents, prompt
 embeddings and the shift are the pipeline's; [klein] trains and exports as itself."""
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from finetune.errors import FinetuneError
 from finetune.families.flux2 import flux2_to_kohya
 from finetune.recipe import validate
-from finetune.recipe.schema import ModelConfig
-from finetune.train import train
 
-from .helpers import loss_before_and_after, make_image_folder, tiny_recipe
+from .conftest import REPO
+from .helpers import (TinyPipeline, assert_frozen, assert_kohya_applies_as_trained,
+                      assert_kohya_file_samples_as_diffusers_file, bfl_block_names, bfl_double_block_targets,
+                      kohya_file, load_diffusers_file, load_family, lora_modules, loss_before_and_after,
+                      real_kohya_names, tiny_model_fixture, tiny_recipe, train_lora, train_quietly, two_image_recipe)
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_NAMES = {line.strip() for line in (Path(__file__).parent / "data" / "flux2_kohya_lora_keys.txt").read_text().splitlines()
-              if line.strip() and not line.startswith("#")}
+REAL_NAMES = real_kohya_names("flux2")
 INNER = 32  # the tiny model's width (heads x head dim)
+# Whichever class model_index.json names: Flux2Pipeline for [dev], Flux2KleinPipeline for [klein].
+PIPELINE = TinyPipeline("DiffusionPipeline")
 
-
-@pytest.fixture(scope="module")
-def tiny_dev(tmp_path_factory):
-    from finetune.tiny_models.flux2 import build_tiny_flux2
-
-    return build_tiny_flux2(tmp_path_factory.mktemp("models") / "tiny-flux2")
-
-
-@pytest.fixture(scope="module")
-def tiny_klein(tmp_path_factory):
-    from finetune.tiny_models.flux2 import build_tiny_flux2_klein
-
-    return build_tiny_flux2_klein(tmp_path_factory.mktemp("models") / "tiny-flux2-klein")
+tiny_dev = tiny_model_fixture("flux2.build_tiny_flux2", "tiny-flux2")
+tiny_klein = tiny_model_fixture("flux2.build_tiny_flux2_klein", "tiny-flux2-klein")
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_dev, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("flux2")
-    data = make_image_folder(tmp / "data", n=4, sizes=((64, 64),))
-    r = tiny_recipe(tiny_dev, data, tmp / "out", training__max_steps=40, training__batch_size=4,
-                    training__learning_rate=1e-2)
-    r["method"].update(rank=8, alpha=4)  # alpha != rank: the exported scale must follow alpha / rank
-    return train(validate(r, "test"), log=lambda *_: None, progress=False), data
+    return train_lora(tiny_dev, tmp_path_factory.mktemp("flux2"), max_steps=40, learning_rate=1e-2)
 
 
 def load(model, **options):
-    from finetune.families import get_family
-    from finetune.families.base import resolve_source
-
-    family = get_family("flux2")
-    return family, family.load(resolve_source(str(model)), ModelConfig(base=str(model), flow=options))
-
-
-def _pipe(model):
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _image(pipe):
-    return pipe(prompt="a photo of sks ball", num_inference_steps=2, width=64, height=64, output_type="np",
-                generator=torch.Generator().manual_seed(0)).images[0]
-
-
-def _lora_modules(module) -> set[str]:
-    return {n.rsplit(".lora_A", 1)[0] for n, _ in module.named_modules() if n.endswith(".lora_A")}
+    return load_family("flux2", model, flow=options)
 
 
 # ------------------------------------------------------------------ training and the diffusers file
@@ -92,13 +52,7 @@ def test_lora_training_lowers_the_loss_on_the_training_images(trained, tiny_dev)
 @pytest.mark.smoke
 def test_diffusers_file_loads_into_every_module_and_changes_the_output(trained, tiny_dev):
     result, _ = trained
-    pipe = _pipe(tiny_dev)
-    plain = _image(pipe)
-    pipe.load_lora_weights(str(result.run_dir), adapter_name="d")
-    assert np.abs(_image(pipe) - plain).max() > 1e-3, "the LoRA did not change the output"
-    with safe_open(str(result.run_dir / "pytorch_lora_weights.safetensors"), "pt") as f:
-        in_file = {k[len("transformer."):].rsplit(".lora_", 1)[0] for k in f.keys()}
-    assert _lora_modules(pipe.transformer) == in_file
+    in_file = load_diffusers_file(PIPELINE, tiny_dev, result.run_dir)
     # Every Linear of both block kinds (musubi-tuner's coverage); no modulation, nothing outside the blocks.
     for m in ("transformer_blocks.1.attn.add_v_proj", "transformer_blocks.0.ff_context.linear_out",
               "transformer_blocks.0.ff.linear_in", "single_transformer_blocks.1.attn.to_qkv_mlp_proj",
@@ -110,10 +64,8 @@ def test_diffusers_file_loads_into_every_module_and_changes_the_output(trained, 
 def test_frozen_parts_unchanged(trained, tiny_dev):
     result, _ = trained
     c = result.components
-    saved = load_file(tiny_dev / "transformer" / "diffusion_pytorch_model.safetensors")
-    current = {k.replace(".base_layer", ""): v for k, v in c.denoiser.state_dict().items() if "lora_" not in k}
-    assert all(torch.equal(current[k], v) for k, v in saved.items())
-    assert not _lora_modules(c.text_encoders["text_encoder"])
+    assert_frozen(c.denoiser, tiny_dev / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert not lora_modules(c.text_encoders["text_encoder"])
 
 
 # ------------------------------------------------------------------ the kohya / ComfyUI file
@@ -121,16 +73,11 @@ def test_frozen_parts_unchanged(trained, tiny_dev):
 
 def test_kohya_names_shapes_and_metadata_are_the_real_flux2_ones(trained):
     result, _ = trained
-    with safe_open(str(result.run_dir / "run.safetensors"), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata()
+    state, meta = kohya_file(result.run_dir)
     names = {k.split(".")[0] for k in state}
     assert names <= REAL_NAMES, sorted(names - REAL_NAMES)
     for i in (0, 1):
-        assert {f"lora_unet_double_blocks_{i}_{m}" for m in
-                ("img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mlp_2", "txt_attn_qkv", "txt_attn_proj",
-                 "txt_mlp_0", "txt_mlp_2")} <= names
-        assert {f"lora_unet_single_blocks_{i}_linear1", f"lora_unet_single_blocks_{i}_linear2"} <= names
+        assert bfl_block_names(i) <= names, sorted(bfl_block_names(i) - names)
     # Fused weights have the real proportions: qkv 3 x width; SwiGLU in 2 x 3 x width; linear1 3 + 6, linear2 in 1 + 3.
     assert state["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].shape[0] == 3 * INNER
     assert state["lora_unet_double_blocks_0_img_mlp_0.lora_up.weight"].shape[0] == 6 * INNER
@@ -143,16 +90,7 @@ def test_kohya_names_shapes_and_metadata_are_the_real_flux2_ones(trained):
 def _comfyui_targets(n_double: int, n_single: int, h: int) -> dict[str, tuple[str, int, int | None]]:
     """diffusers Linear -> (BFL weight, first row, rows): the inverse of diffusers'
     scripts/convert_flux2_to_diffusers.py (58eb52c0803ea9af3abec60841c2a093bdf1f951), restated here."""
-    table = {}
-    for i in range(n_double):
-        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for j, (img, txt) in enumerate([("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj")]):
-            table[d + "attn." + img] = (b + "img_attn.qkv", j * h, h)
-            table[d + "attn." + txt] = (b + "txt_attn.qkv", j * h, h)
-        for ours, bfl in [("attn.to_out.0", "img_attn.proj"), ("attn.to_add_out", "txt_attn.proj"),
-                          ("ff.linear_in", "img_mlp.0"), ("ff.linear_out", "img_mlp.2"),
-                          ("ff_context.linear_in", "txt_mlp.0"), ("ff_context.linear_out", "txt_mlp.2")]:
-            table[d + ours] = (b + bfl, 0, None)
+    table = bfl_double_block_targets(n_double, h, "linear_in", "linear_out")
     for i in range(n_single):
         s, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
         table[s + "attn.to_qkv_mlp_proj"] = (b + "linear1", 0, None)
@@ -164,36 +102,14 @@ def test_kohya_file_applies_in_comfyui_as_the_trained_lora(trained):
     """ComfyUI adds alpha / rank * up @ down to the BFL weight each key names; every slice of every fused
     weight must get exactly the trained module's delta."""
     result, _ = trained
-    kohya = load_file(result.run_dir / "run.safetensors")
-    peft = load_file(result.run_dir / "pytorch_lora_weights.safetensors")
-    with safe_open(str(result.run_dir / "pytorch_lora_weights.safetensors"), "pt") as f:
-        meta = json.loads(f.metadata()["lora_adapter_metadata"])
-    scale = meta["transformer.lora_alpha"] / meta["transformer.r"]
-    table = _comfyui_targets(2, 2, INNER)
-    key_of = {"lora_unet_" + bfl.replace(".", "_"): bfl for bfl, _, _ in table.values()}
-    deltas = {}
-    for name in {k.split(".")[0] for k in kohya}:
-        down, up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
-        deltas[key_of[name]] = kohya[f"{name}.alpha"].item() / down.shape[0] * (up @ down)
-    checked = 0
-    for module, (bfl, row, rows) in table.items():
-        a, b = peft[f"transformer.{module}.lora_A.weight"], peft[f"transformer.{module}.lora_B.weight"]
-        got = deltas[bfl][row:row + (rows or deltas[bfl].shape[0])]
-        torch.testing.assert_close(got, scale * (b @ a), rtol=1e-5, atol=1e-6)
-        checked += 1
-    assert checked == len({k.rsplit(".lora_", 1)[0] for k in peft})
+    assert_kohya_applies_as_trained(result.run_dir, _comfyui_targets(2, 2, INNER))
 
 
 @pytest.mark.smoke
 def test_kohya_file_loads_in_diffusers_to_the_same_model(trained, tiny_dev):
     """diffusers' Flux2LoraLoaderMixin converts the kohya layout itself; the result must equal the diffusers file."""
     result, _ = trained
-    pipe = _pipe(tiny_dev)
-    pipe.load_lora_weights(str(result.run_dir), adapter_name="d")
-    with_diffusers = _image(pipe)
-    pipe = _pipe(tiny_dev)
-    pipe.load_lora_weights(load_file(result.run_dir / "run.safetensors"), adapter_name="k")
-    assert np.abs(_image(pipe) - with_diffusers).max() < 1e-5
+    assert_kohya_file_samples_as_diffusers_file(PIPELINE, tiny_dev, result.run_dir)
 
 
 def test_outer_layers_map_and_unknown_modules_are_refused():
@@ -284,17 +200,15 @@ def test_guidance_embedding_loss_weighting_and_min_snr(tiny_dev):
 def test_klein_trains_loads_and_exports_as_klein(tiny_klein, tmp_path):
     from diffusers import Flux2KleinPipeline
 
-    data = make_image_folder(tmp_path / "data", n=2, sizes=((64, 64),))
-    r = tiny_recipe(tiny_klein, data, tmp_path / "out", training__max_steps=3, training__learning_rate=5e-3)
-    result = train(validate(r, "test"), log=lambda *_: None, progress=False)
+    result = train_quietly(two_image_recipe(tiny_klein, tmp_path, training__max_steps=3, training__learning_rate=5e-3))
     assert result.components.extras["guidance_embeds"] is False
-    pipe = _pipe(tiny_klein)
+    pipe = PIPELINE.load(tiny_klein)
     assert isinstance(pipe, Flux2KleinPipeline)
-    plain = _image(pipe)
+    plain = PIPELINE.image(pipe)
     pipe.load_lora_weights(str(result.run_dir), adapter_name="d")
-    assert np.abs(_image(pipe) - plain).max() > 1e-4
-    with safe_open(str(result.run_dir / "run.safetensors"), "pt") as f:
-        meta, names = f.metadata(), {k.split(".")[0] for k in f.keys()}
+    assert np.abs(PIPELINE.image(pipe) - plain).max() > 1e-4
+    state, meta = kohya_file(result.run_dir)
+    names = {k.split(".")[0] for k in state}
     assert names <= REAL_NAMES and "lora_unet_single_blocks_1_linear1" in names
     assert meta["ss_base_model_version"] == "flux_2_klein_4b" and meta["modelspec.architecture"] == "Flux.2-klein-4b/lora"
     assert "Flux2KleinPipeline" in (result.run_dir / "README.md").read_text()

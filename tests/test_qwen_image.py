@@ -4,12 +4,9 @@ output; the kohya file has the names ComfyUI maps for Qwen-Image (musubi-tuner's
 in diffusers as the same LoRA; prompts are encoded as the pipeline encodes them, padded with a mask that
 changes nothing; timestep sampling and shift give the numbers Qwen-Image samples with."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -17,57 +14,26 @@ from finetune.errors import FinetuneError
 from finetune.families._flow import FlowOptions
 from finetune.recipe import validate
 from finetune.recipe.loader import method_problems
-from finetune.recipe.schema import ModelConfig
-from finetune.train import train
 
 from .conftest import REPO
-from .helpers import loss_before_and_after, make_image_folder, tiny_recipe
+from .helpers import (TinyPipeline, assert_frozen, assert_kohya_file_samples_as_diffusers_file, kohya_file,
+                      load_diffusers_file, load_family, lora_modules, loss_before_and_after, make_image_folder,
+                      real_kohya_names, tiny_model_fixture, tiny_recipe, train_lora)
 
-REAL_NAMES = {line.strip() for line in (Path(__file__).parent / "data" / "qwen_image_kohya_lora_keys.txt").read_text()
-              .splitlines() if line.strip() and not line.startswith("#")}
+REAL_NAMES = real_kohya_names("qwen_image")
 RECIPES = ("qwen-image-lora", "qwen-image-subject", "qwen-image-style", "qwen-image-quickstart")
+PIPELINE = TinyPipeline("QwenImagePipeline", true_cfg_scale=1.0)
 
-
-@pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory):
-    from finetune.tiny_models.qwen_image import build_tiny_qwen_image
-
-    return build_tiny_qwen_image(tmp_path_factory.mktemp("models") / "tiny-qwen-image")
+tiny_qwen = tiny_model_fixture("qwen_image.build_tiny_qwen_image", "tiny-qwen-image")
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_qwen, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("qwen")
-    data = make_image_folder(tmp / "data", n=4, sizes=((64, 64),))
-    r = tiny_recipe(tiny_qwen, data, tmp / "out", training__max_steps=40, training__batch_size=4,
-                    training__learning_rate=5e-3)
-    r["method"].update(rank=8, alpha=4)  # alpha != rank: the exported scale must follow alpha / rank
-    return train(validate(r, "test"), log=lambda *_: None, progress=False), data
+    return train_lora(tiny_qwen, tmp_path_factory.mktemp("qwen"), max_steps=40, learning_rate=5e-3)
 
 
 def load(model, **options):
-    from finetune.families import get_family
-    from finetune.families.base import resolve_source
-
-    family = get_family("qwen_image")
-    return family, family.load(resolve_source(str(model)), ModelConfig(base=str(model), flow=FlowOptions(**options)))
-
-
-def _pipe(model):
-    from diffusers import QwenImagePipeline
-
-    pipe = QwenImagePipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _image(pipe):
-    return pipe("a photo of sks ball", num_inference_steps=2, width=64, height=64, output_type="np",
-                true_cfg_scale=1.0, generator=torch.Generator().manual_seed(0)).images[0]
-
-
-def _lora_modules(module) -> set[str]:
-    return {n.rsplit(".lora_A", 1)[0] for n, _ in module.named_modules() if n.endswith(".lora_A")}
+    return load_family("qwen_image", model, flow=FlowOptions(**options))
 
 
 # ------------------------------------------------------------------ training and the diffusers file
@@ -84,13 +50,7 @@ def test_lora_training_lowers_the_loss_on_the_training_images(trained, tiny_qwen
 
 def test_diffusers_file_loads_into_every_module_and_changes_the_output(trained, tiny_qwen):
     result, _ = trained
-    pipe = _pipe(tiny_qwen)
-    plain = _image(pipe)
-    pipe.load_lora_weights(str(result.run_dir), adapter_name="d")
-    assert np.abs(_image(pipe) - plain).max() > 1e-3, "the LoRA did not change the output"
-    with safe_open(str(result.run_dir / "pytorch_lora_weights.safetensors"), "pt") as f:
-        in_file = {k[len("transformer."):].rsplit(".lora_", 1)[0] for k in f.keys()}
-    assert _lora_modules(pipe.transformer) == in_file
+    in_file = load_diffusers_file(PIPELINE, tiny_qwen, result.run_dir)
     # The default targets: both streams' attention and MLPs in every block; no modulation, nothing outside.
     for i in (0, 1):
         assert {f"transformer_blocks.{i}.{m}" for m in
@@ -102,11 +62,8 @@ def test_diffusers_file_loads_into_every_module_and_changes_the_output(trained, 
 def test_frozen_transformer_and_text_encoder_unchanged(trained, tiny_qwen):
     result, _ = trained
     c = result.components
-    assert not _lora_modules(c.text_encoders["text_encoder"])
-    saved = load_file(tiny_qwen / "transformer" / "diffusion_pytorch_model.safetensors")
-    current = {k.replace(".base_layer", ""): v for k, v in c.denoiser.state_dict().items() if "lora_" not in k}
-    for k, v in saved.items():
-        assert torch.equal(current[k], v), k
+    assert not lora_modules(c.text_encoders["text_encoder"])
+    assert_frozen(c.denoiser, tiny_qwen / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
 # ------------------------------------------------------------------ the kohya / ComfyUI file
@@ -114,9 +71,7 @@ def test_frozen_transformer_and_text_encoder_unchanged(trained, tiny_qwen):
 
 def test_kohya_names_are_the_ones_comfyui_maps(trained):
     result, _ = trained
-    with safe_open(str(result.run_dir / "run.safetensors"), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata()
+    state, meta = kohya_file(result.run_dir)
     names = {k.split(".")[0] for k in state}
     assert names <= REAL_NAMES, sorted(names - REAL_NAMES)
     assert {"lora_unet_transformer_blocks_1_attn_add_q_proj", "lora_unet_transformer_blocks_0_img_mlp_net_0_proj",
@@ -137,12 +92,7 @@ def test_kohya_names_are_the_ones_comfyui_maps(trained):
 
 def test_kohya_file_loads_in_diffusers_to_the_same_model(trained, tiny_qwen):
     result, _ = trained
-    pipe = _pipe(tiny_qwen)
-    pipe.load_lora_weights(str(result.run_dir), adapter_name="d")
-    with_diffusers = _image(pipe)
-    pipe = _pipe(tiny_qwen)
-    pipe.load_lora_weights(load_file(result.run_dir / "run.safetensors"), adapter_name="k")
-    assert np.abs(_image(pipe) - with_diffusers).max() < 1e-5
+    assert_kohya_file_samples_as_diffusers_file(PIPELINE, tiny_qwen, result.run_dir)
 
 
 def test_no_text_encoder_lora_nor_embeddings(tiny_qwen, tmp_path):
@@ -244,13 +194,10 @@ def test_timestep_sampling_and_shift_match_what_qwen_image_samples_with(tiny_qwe
 def test_single_file_needs_a_config_for_the_rest(tmp_path):
     from safetensors.torch import save_file
 
-    from finetune.families import get_family
-    from finetune.families.base import resolve_source
-
     path = tmp_path / "qwen_image_bf16.safetensors"
     save_file({"img_in.weight": torch.zeros(1)}, path)
     with pytest.raises(FinetuneError, match="model.config") as e:
-        get_family("qwen_image").load(resolve_source(str(path)), ModelConfig(base=str(path)))
+        load_family("qwen_image", path)
     assert "\n" not in str(e.value)
 
 

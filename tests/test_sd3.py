@@ -5,68 +5,34 @@ applies it; CLIP-L and CLIP-G take a text-encoder LoRA and T5 does not; the obje
 trainers' (shift 3.0, sigma^2 preconditioning weight); the recipes validate and the quickstart trains."""
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune.errors import FinetuneError, RecipeError
 from finetune.families.sd3 import sd3_to_kohya, sd3_version
-from finetune.recipe import load_recipe, validate
-from finetune.recipe.schema import ModelConfig
-from finetune.train import train
+from finetune.recipe import load_recipe
 
-from .helpers import loss_before_and_after, make_image_folder, tiny_recipe
+from .conftest import REPO
+from .helpers import (TinyPipeline, assert_kohya_applies_as_trained, fused_qkv_targets, kohya_file,
+                      load_diffusers_file, load_family, lora_modules, loss_before_and_after, real_kohya_names,
+                      tiny_model_fixture, train_lora, train_quietly, two_image_recipe)
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_NAMES = {line.strip() for line in (Path(__file__).parent / "data" / "sd3_kohya_lora_keys.txt").read_text().splitlines()
-              if line.strip() and not line.startswith("#")}
+REAL_NAMES = real_kohya_names("sd3")
 INNER = 32  # the tiny model's width (heads x head dim)
+PIPELINE = TinyPipeline("StableDiffusion3Pipeline")
 
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    from finetune.tiny_models.sd3 import build_tiny_sd3
-
-    return build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
+tiny_sd3 = tiny_model_fixture("sd3.build_tiny_sd3", "tiny-sd3")
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_sd3, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sd3")
-    data = make_image_folder(tmp / "data", n=4, sizes=((64, 64),))
-    r = tiny_recipe(tiny_sd3, data, tmp / "out", training__max_steps=40, training__batch_size=4,
-                    training__learning_rate=5e-3)
-    r["method"].update(rank=8, alpha=4)  # alpha != rank: the exported scale must follow alpha / rank
-    return train(validate(r, "test"), log=lambda *_: None, progress=False), data
+    return train_lora(tiny_sd3, tmp_path_factory.mktemp("sd3"), max_steps=40, learning_rate=5e-3)
 
 
 def load(model, **flow):
-    from finetune.families import get_family
-    from finetune.families.base import resolve_source
-
-    family = get_family("sd3")
-    return family, family.load(resolve_source(str(model)), ModelConfig(base=str(model), flow=flow))
-
-
-def _pipe(model):
-    from diffusers import StableDiffusion3Pipeline
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _image(pipe):
-    return pipe("a photo of sks ball", num_inference_steps=2, width=64, height=64, output_type="np",
-                generator=torch.Generator().manual_seed(0)).images[0]
-
-
-def _lora_modules(module) -> set[str]:
-    return {n.rsplit(".lora_A", 1)[0] for n, _ in module.named_modules() if n.endswith(".lora_A")}
+    return load_family("sd3", model, flow=flow)
 
 
 # ------------------------------------------------------------------ training and the diffusers file
@@ -86,13 +52,7 @@ def test_lora_training_lowers_the_loss_on_the_training_images(trained, tiny_sd3)
 @pytest.mark.smoke
 def test_diffusers_file_loads_into_every_module_and_changes_the_output(trained, tiny_sd3):
     result, _ = trained
-    pipe = _pipe(tiny_sd3)
-    plain = _image(pipe)
-    pipe.load_lora_weights(str(result.run_dir), adapter_name="d")
-    assert np.abs(_image(pipe) - plain).max() > 1e-3, "the LoRA did not change the output"
-    with safe_open(str(result.run_dir / "pytorch_lora_weights.safetensors"), "pt") as f:
-        in_file = {k[len("transformer."):].rsplit(".lora_", 1)[0] for k in f.keys()}
-    assert _lora_modules(pipe.transformer) == in_file
+    in_file = load_diffusers_file(PIPELINE, tiny_sd3, result.run_dir)
     # The default targets: both streams' attention, SD3.5 Medium's attn2, both MLPs; no modulation.
     assert {"transformer_blocks.0.attn2.to_q", "transformer_blocks.0.attn2.to_out.0", "transformer_blocks.0.attn.to_add_out",
             "transformer_blocks.0.ff_context.net.2", "transformer_blocks.1.attn.add_v_proj"} <= in_file
@@ -103,7 +63,7 @@ def test_diffusers_sd3_loader_reads_no_kohya_layout(trained, tiny_sd3):
     """Why the diffusers file is the one for diffusers users: StableDiffusion3Pipeline converts no
     kohya names and loads nothing from such a file, silently (diffusers 0.42.1)."""
     result, _ = trained
-    pipe = _pipe(tiny_sd3)
+    pipe = PIPELINE.load(tiny_sd3)
     pipe.load_lora_weights(load_file(result.run_dir / "run.safetensors"), adapter_name="k")
     assert pipe.get_list_adapters() == {}
 
@@ -113,9 +73,7 @@ def test_diffusers_sd3_loader_reads_no_kohya_layout(trained, tiny_sd3):
 
 def test_kohya_names_and_metadata_are_the_real_sd35_medium_ones(trained):
     result, _ = trained
-    with safe_open(str(result.run_dir / "run.safetensors"), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata()
+    state, meta = kohya_file(result.run_dir)
     names = {k.split(".")[0] for k in state}
     assert names <= REAL_NAMES, sorted(names - REAL_NAMES)
     assert {f"lora_unet_joint_blocks_0_{m}" for m in
@@ -138,10 +96,9 @@ def _comfyui_targets(n_blocks: int, dual: set[int], h: int) -> dict[str, tuple[s
     table = {}
     for i in range(n_blocks):
         d, o = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
-        for j, (x, ctx) in enumerate([("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj")]):
-            table[d + "attn." + x] = (o + "x_block.attn.qkv", j * h, h)
-            table[d + "attn." + ctx] = (o + "context_block.attn.qkv", j * h, h)
-            if i in dual:
+        table.update(fused_qkv_targets(d, o + "x_block.attn.qkv", o + "context_block.attn.qkv", h))
+        if i in dual:
+            for j, x in enumerate(("to_q", "to_k", "to_v")):
                 table[d + "attn2." + x] = (o + "x_block.attn2.qkv", j * h, h)
         pairs = [("attn.to_out.0", "x_block.attn.proj"), ("ff.net.0.proj", "x_block.mlp.fc1"), ("ff.net.2", "x_block.mlp.fc2")]
         if i < n_blocks - 1:
@@ -157,25 +114,7 @@ def test_kohya_file_applies_in_comfyui_as_the_trained_lora(trained):
     """ComfyUI adds alpha / rank * up @ down to the original weight each key names; every slice of every
     fused qkv must get exactly the trained module's delta."""
     result, _ = trained
-    kohya = load_file(result.run_dir / "run.safetensors")
-    peft = load_file(result.run_dir / "pytorch_lora_weights.safetensors")
-    with safe_open(str(result.run_dir / "pytorch_lora_weights.safetensors"), "pt") as f:
-        meta = json.loads(f.metadata()["lora_adapter_metadata"])
-    scale = meta["transformer.lora_alpha"] / meta["transformer.r"]
-    table = _comfyui_targets(2, {0}, INNER)
-    key_of = {"lora_unet_" + original.replace(".", "_"): original for original, _, _ in table.values()}
-    deltas = {}
-    for name in {k.split(".")[0] for k in kohya}:
-        down, up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
-        deltas[key_of[name]] = kohya[f"{name}.alpha"].item() / down.shape[0] * (up @ down)
-    checked = 0
-    for module, (original, row, rows) in table.items():
-        a, b = peft.get(f"transformer.{module}.lora_A.weight"), peft.get(f"transformer.{module}.lora_B.weight")
-        assert original in deltas, f"{module} trained but {original} is missing from the kohya file"
-        got = deltas[original][row:row + (rows or deltas[original].shape[0])]
-        torch.testing.assert_close(got, scale * (b @ a), rtol=1e-5, atol=1e-6)
-        checked += 1
-    assert checked == len({k.rsplit(".lora_", 1)[0] for k in peft})
+    assert_kohya_applies_as_trained(result.run_dir, _comfyui_targets(2, {0}, INNER))
 
 
 def test_modulations_and_outer_layers_map_with_their_halves_swapped_where_diffusers_swaps_them():
@@ -194,7 +133,7 @@ def test_modulations_and_outer_layers_map_with_their_halves_swapped_where_diffus
     assert torch.equal(up, torch.cat([b[h:], b[:h]]))  # AdaLayerNormContinuous: (scale, shift) -> (shift, scale)
     b0 = state["transformer_blocks.0.norm1_context.linear.lora_B.weight"]
     assert torch.equal(out["lora_unet_joint_blocks_0_context_block_adaLN_modulation_1.lora_up.weight"], b0)
-    with pytest.raises(ValueError, match="no Linear counterpart"):
+    with pytest.raises(ValueError, match="no counterpart in the original SD3 layout"):
         sd3_to_kohya({"pos_embed.proj.lora_A.weight": torch.zeros(2, 4),
                       "pos_embed.proj.lora_B.weight": torch.zeros(4, 2)}, 2.0)
 
@@ -209,17 +148,16 @@ def test_the_release_is_read_from_the_transformer_config():
 
 
 def test_clip_l_and_clip_g_loras_train_and_t5_stays_frozen(tiny_sd3, tmp_path):
-    data = make_image_folder(tmp_path / "data", n=2, sizes=((64, 64),))
-    r = tiny_recipe(tiny_sd3, data, tmp_path / "out", training__max_steps=3)
+    r = two_image_recipe(tiny_sd3, tmp_path, training__max_steps=3)
     r["method"].update(train_text_encoder=True, text_encoder_lr=1e-3)
-    result = train(validate(r, "test"), log=lambda *_: None, progress=False)
+    result = train_quietly(r)
     c = result.components
-    assert _lora_modules(c.text_encoders["text_encoder"]) and _lora_modules(c.text_encoders["text_encoder_2"])
-    assert not _lora_modules(c.text_encoders["text_encoder_3"])
+    assert lora_modules(c.text_encoders["text_encoder"]) and lora_modules(c.text_encoders["text_encoder_2"])
+    assert not lora_modules(c.text_encoders["text_encoder_3"])
     names = {k.split(".")[0] for k in load_file(result.run_dir / "run.safetensors")}
     assert {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
             "lora_te2_text_model_encoder_layers_1_self_attn_out_proj"} <= names and names <= REAL_NAMES
-    pipe = _pipe(tiny_sd3)
+    pipe = PIPELINE.load(tiny_sd3)
     pipe.load_lora_weights(str(result.run_dir), adapter_name="d")
     assert set(pipe.get_list_adapters()) == {"transformer", "text_encoder", "text_encoder_2"}
 
@@ -262,17 +200,13 @@ def test_model_vae_must_have_sixteen_latent_channels_and_a_single_file_needs_a_c
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
 
-    from finetune.families import get_family
-    from finetune.families.base import resolve_source
-
-    family = get_family("sd3")
     AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4).save_pretrained(tmp_path / "sd-vae")
     with pytest.raises(FinetuneError, match="16-channel"):
-        family.load(resolve_source(str(tiny_sd3)), ModelConfig(base=str(tiny_sd3), vae=str(tmp_path / "sd-vae")))
+        load_family("sd3", tiny_sd3, vae=str(tmp_path / "sd-vae"))
     path = tmp_path / "sd3.5_medium.safetensors"
     save_file({"x_embedder.proj.weight": torch.zeros(1)}, path)
     with pytest.raises(FinetuneError, match="model.config") as e:
-        family.load(resolve_source(str(path)), ModelConfig(base=str(path)))
+        load_family("sd3", path)
     assert "\n" not in str(e.value)
 
 

@@ -8,10 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from finetune.recipe import validate
-from finetune.train import train
-
-from .helpers import loss_before_and_after, make_image_folder, tiny_recipe
+from .helpers import (TinyPipeline, load_family, loss_before_and_after, tiny_model_fixture, train_lora, train_quietly,
+                      two_image_recipe)
 
 # Module names from real SDXL LoRAs made by kohya's sdxl_train_network.py (input_blocks 4/5 and
 # 7/8, middle_block 1, output_blocks 0-5 hold the transformers; te1/te2 are CLIP-L and bigG).
@@ -25,47 +23,20 @@ REAL_SDXL_NAMES = {
     "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
     "lora_te2_text_model_encoder_layers_1_self_attn_out_proj",
 }
+PIPELINE = TinyPipeline("StableDiffusionXLPipeline")
 
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from finetune.tiny_models.sdxl import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+tiny_sdxl = tiny_model_fixture("sdxl.build_tiny_sdxl", "tiny-sdxl")
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_sdxl, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sdxl")
-    data = make_image_folder(tmp / "data", n=4, sizes=((64, 64),))
-    r = tiny_recipe(tiny_sdxl, data, tmp / "out", training__max_steps=50, training__batch_size=4)
-    r["method"].update(train_text_encoder=True, rank=8, alpha=8)
-    r["training"]["learning_rate"] = 5e-3
-    return train(validate(r, "test"), log=lambda *_: None, progress=False), data
-
-
-def _pipe(model):
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _image(pipe):
-    out = pipe("a photo of sks ball", num_inference_steps=2, width=64, height=64, output_type="np",
-               generator=torch.Generator().manual_seed(0)).images[0]
-    return np.asarray(out)
+    return train_lora(tiny_sdxl, tmp_path_factory.mktemp("sdxl"), max_steps=50, learning_rate=5e-3, alpha=8,
+                      train_text_encoder=True)
 
 
 def test_lora_training_lowers_the_loss_on_the_training_images(trained, tiny_sdxl):
-    from finetune.families import get_family
-    from finetune.families.base import resolve_source
-    from finetune.recipe.schema import ModelConfig
-
     result, data = trained
-    family = get_family("sdxl")
-    c = family.load(resolve_source(str(tiny_sdxl)), ModelConfig(base=str(tiny_sdxl)))
+    family, c = load_family("sdxl", tiny_sdxl)
     before, after = loss_before_and_after(family, c, data, result.run_dir)
     # Measured 0.91x: the tiny SDXL has attention only at its 4x4 and 2x2 latent levels (as the real
     # one has none at its first level), so a LoRA there moves the loss less than on the tiny SD1.5.
@@ -76,18 +47,18 @@ def test_lora_training_lowers_the_loss_on_the_training_images(trained, tiny_sdxl
 def test_both_files_load_with_diffusers_and_agree(trained, tiny_sdxl):
     result, _ = trained
     run = result.run_dir
-    pipe = _pipe(tiny_sdxl)
-    plain = _image(pipe)
+    pipe = PIPELINE.load(tiny_sdxl)
+    plain = PIPELINE.image(pipe)
     pipe.load_lora_weights(str(run), weight_name="pytorch_lora_weights.safetensors", adapter_name="d")
-    with_diffusers = _image(pipe)
+    with_diffusers = PIPELINE.image(pipe)
     assert np.abs(with_diffusers - plain).max() > 1e-3, "the LoRA did not change the output"
     # Every UNet and text-encoder module got its LoRA (none silently dropped by the loader).
     adapters = pipe.get_list_adapters()
     assert all("d" in adapters.get(k, []) for k in ("unet", "text_encoder", "text_encoder_2")), adapters
 
-    pipe = _pipe(tiny_sdxl)
+    pipe = PIPELINE.load(tiny_sdxl)
     pipe.load_lora_weights(str(run), weight_name="run.safetensors", adapter_name="k")
-    with_kohya = _image(pipe)
+    with_kohya = PIPELINE.image(pipe)
     # diffusers maps the original UNet names back on its own: the same model, within fp32 rounding.
     assert np.abs(with_kohya - with_diffusers).max() < 1e-4
 
@@ -106,12 +77,7 @@ def test_kohya_names_are_the_real_sdxl_ones(trained):
 def test_size_and_crop_conditioning_reaches_the_unet(tiny_sdxl):
     """A small image upscaled into its bucket and one that fills it train with different
     conditioning: the time ids carry each image's original size and crop."""
-    from finetune.families import get_family
-    from finetune.families.base import resolve_source
-    from finetune.recipe.schema import ModelConfig
-
-    family = get_family("sdxl")
-    c = family.load(resolve_source(str(tiny_sdxl)), ModelConfig(base=str(tiny_sdxl)))
+    family, c = load_family("sdxl", tiny_sdxl)
     batch = {"original_size": [(40, 40), (64, 64)], "crop_top_left": [(0, 0), (3, 5)], "target_size": [(64, 64)] * 2}
     ids = family.image_conditioning(c, batch)["time_ids"]
     assert ids.tolist() == [[40, 40, 0, 0, 64, 64], [64, 64, 3, 5, 64, 64]]
@@ -124,13 +90,11 @@ def test_size_and_crop_conditioning_reaches_the_unet(tiny_sdxl):
 
 @pytest.fixture(scope="module")
 def ti_run(tiny_sdxl, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sdxl-ti")
-    data = make_image_folder(tmp / "data", n=2, sizes=((64, 64),))
-    r = tiny_recipe(tiny_sdxl, data, tmp / "out", training__max_steps=4)
+    r = two_image_recipe(tiny_sdxl, tmp_path_factory.mktemp("sdxl-ti"), training__max_steps=4)
     r["method"] = {"type": "textual_inversion", "placeholder_token": "<sks>", "initializer_token": "x",
                    "num_vectors": 2, "caption": "a photo of <sks>"}
     r["training"]["learning_rate"] = 5e-2
-    return train(validate(r, "test"), log=lambda *_: None, progress=False)
+    return train_quietly(r)
 
 
 @pytest.mark.smoke
@@ -145,24 +109,22 @@ def test_textual_inversion_learns_a_token_in_both_encoders_and_loads_in_diffuser
     # The two encoders learned different vectors from the same starting word.
     assert not torch.equal(l["<sks>"], g["<sks>"])
 
-    pipe = _pipe(tiny_sdxl)
-    prompt = "a photo of <sks>"
+    pipe = PIPELINE.load(tiny_sdxl)
 
     def image(pipe):
-        return np.asarray(pipe(prompt, num_inference_steps=2, width=64, height=64, output_type="np",
-                               generator=torch.Generator().manual_seed(0)).images[0])
+        return PIPELINE.image(pipe, "a photo of <sks>")
 
     pipe.load_textual_inversion(l["<sks>"], token="<sks>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
     pipe.load_textual_inversion(g["<sks>"], token="<sks>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
     first = image(pipe)
     # The webui file, split the way webui/ComfyUI read it, gives the same model.
-    pipe2 = _pipe(tiny_sdxl)
+    pipe2 = PIPELINE.load(tiny_sdxl)
     pipe2.load_textual_inversion(webui["clip_l"], token="<sks>", text_encoder=pipe2.text_encoder, tokenizer=pipe2.tokenizer)
     pipe2.load_textual_inversion(webui["clip_g"], token="<sks>", text_encoder=pipe2.text_encoder_2, tokenizer=pipe2.tokenizer_2)
     assert np.abs(image(pipe2) - first).max() < 1e-5
-    assert np.abs(first - image(_pipe(tiny_sdxl))).max() > 1e-3, "the embeddings did not change the output"
+    assert np.abs(first - image(PIPELINE.load(tiny_sdxl))).max() > 1e-3, "the embeddings did not change the output"
     # Every other weight of both encoders is untouched.
-    base = _pipe(tiny_sdxl)
+    base = PIPELINE.load(tiny_sdxl)
     for name in ("text_encoder", "text_encoder_2"):
         trained = ti_run.components.text_encoders[name].get_input_embeddings().weight
         ref = getattr(base, name).get_input_embeddings().weight
@@ -170,11 +132,10 @@ def test_textual_inversion_learns_a_token_in_both_encoders_and_loads_in_diffuser
 
 
 def test_pivotal_tuning_on_sdxl_saves_both_halves(tiny_sdxl, tmp_path):
-    data = make_image_folder(tmp_path / "data", n=2, sizes=((64, 64),))
-    r = tiny_recipe(tiny_sdxl, data, tmp_path / "out", training__max_steps=2)
+    r = two_image_recipe(tiny_sdxl, tmp_path, training__max_steps=2)
     r["method"] = {"type": "pivotal", "placeholder_token": "<sks>", "initializer_token": "x",
                    "caption": "a photo of <sks>", "rank": 4}
-    result = train(validate(r, "test"), log=lambda *_: None, progress=False)
+    result = train_quietly(r)
     names = {p.name for p in result.run_dir.glob("*.safetensors")}
     assert {"pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "learned_embeds_2.safetensors",
             "run.safetensors", "run-emb.safetensors"} <= names
@@ -186,11 +147,10 @@ def test_dreambooth_on_sdxl_writes_a_single_file_diffusers_reads_back(tiny_sdxl,
     with StableDiffusionXLPipeline.from_single_file and holds the trained UNet and encoders."""
     from diffusers import StableDiffusionXLPipeline
 
-    data = make_image_folder(tmp_path / "data", n=2, sizes=((64, 64),))
-    r = tiny_recipe(tiny_sdxl, data, tmp_path / "out", training__max_steps=2)
+    r = two_image_recipe(tiny_sdxl, tmp_path, training__max_steps=2)
     r["method"] = {"type": "dreambooth", "train_text_encoder": True}
     r["output"]["save_dtype"] = "fp32"
-    result = train(validate(r, "test"), log=lambda *_: None, progress=False)
+    result = train_quietly(r)
     single = result.run_dir / "run.safetensors"
     with safe_open(str(single), "pt") as f:
         keys = set(f.keys())
@@ -219,20 +179,18 @@ def test_a_user_chosen_vae_replaces_the_models_own(tiny_sdxl, tmp_path):
         vae = AutoencoderKL.from_pretrained(other)
         vae.encoder.conv_in.weight.mul_(0.5)
         vae.save_pretrained(other)
-    data = make_image_folder(tmp_path / "data", n=2, sizes=((64, 64),))
-    r = tiny_recipe(tiny_sdxl, data, tmp_path / "out", training__max_steps=1)
+    r = two_image_recipe(tiny_sdxl, tmp_path, training__max_steps=1)
     r["model"]["vae"] = str(other)
-    result = train(validate(r, "test"), log=lambda *_: None, progress=False)
+    result = train_quietly(r)
     assert torch.equal(result.components.vae.encoder.conv_in.weight, vae.encoder.conv_in.weight)
     r["model"]["vae"] = str(tmp_path / "missing")
     r["output"]["run_name"] = "r2"
     with pytest.raises(FinetuneError, match="model.vae: cannot load"):
-        train(validate(r, "test"), log=lambda *_: None, progress=False)
+        train_quietly(r)
 
 
 def test_unet_and_each_text_encoder_have_their_own_learning_rate(tiny_sdxl, tmp_path):
-    data = make_image_folder(tmp_path / "data", n=2, sizes=((64, 64),))
-    r = tiny_recipe(tiny_sdxl, data, tmp_path / "out", training__max_steps=1)
+    r = two_image_recipe(tiny_sdxl, tmp_path, training__max_steps=1)
     r["method"].update(train_text_encoder=True, text_encoder_lr=3e-5, text_encoder_2_lr=1e-5)
-    result = train(validate(r, "test"), log=lambda *_: None, progress=False)
+    result = train_quietly(r)
     assert [g["lr"] for g in result.optimizer.param_groups] == [1e-3, 3e-5, 1e-5]

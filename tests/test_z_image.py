@@ -4,69 +4,31 @@ kohya file has the names ComfyUI maps for Z-Image (fused attention.qkv), applies
 and reads back in diffusers as the same LoRA; captions are encoded as the pipeline encodes them; the
 transformer is called at t = 1 - sigma with its output negated; the quickstart trains through the CLI."""
 
-import json
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune.families._flow import FlowOptions
 from finetune.families.z_image import z_image_to_kohya
-from finetune.recipe import validate
-from finetune.recipe.schema import ModelConfig
-from finetune.train import train
 
-from .helpers import loss_before_and_after, make_image_folder, tiny_recipe
+from .conftest import REPO
+from .helpers import (TinyPipeline, assert_kohya_file_samples_as_diffusers_file, kohya_file, load_diffusers_file,
+                      load_family, loss_before_and_after, peft_scale, real_kohya_names, tiny_model_fixture, train_lora)
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_NAMES = {line.strip() for line in (Path(__file__).parent / "data" / "z_image_kohya_lora_keys.txt").read_text().splitlines()
-              if line.strip() and not line.startswith("#")}
+REAL_NAMES = real_kohya_names("z_image")
 DIM = 32  # the tiny model's width
+PIPELINE = TinyPipeline("ZImagePipeline", guidance_scale=0.0)
 
-
-@pytest.fixture(scope="module")
-def tiny_z_image(tmp_path_factory):
-    from finetune.tiny_models.z_image import build_tiny_z_image
-
-    return build_tiny_z_image(tmp_path_factory.mktemp("models") / "tiny-z-image")
+tiny_z_image = tiny_model_fixture("z_image.build_tiny_z_image", "tiny-z-image")
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_z_image, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("z_image")
-    data = make_image_folder(tmp / "data", n=4, sizes=((64, 64),))
-    r = tiny_recipe(tiny_z_image, data, tmp / "out", training__max_steps=80, training__batch_size=4,
-                    training__learning_rate=1e-2)
-    r["method"].update(rank=8, alpha=4)  # alpha != rank: the exported scale must follow alpha / rank
-    return train(validate(r, "test"), log=lambda *_: None, progress=False), data
+    return train_lora(tiny_z_image, tmp_path_factory.mktemp("z_image"), max_steps=80, learning_rate=1e-2)
 
 
 def load(model, **options):
-    from finetune.families import get_family
-    from finetune.families.base import resolve_source
-
-    family = get_family("z_image")
-    return family, family.load(resolve_source(str(model)), ModelConfig(base=str(model), flow=FlowOptions(**options)))
-
-
-def _pipe(model):
-    from diffusers import ZImagePipeline
-
-    pipe = ZImagePipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _image(pipe):
-    return pipe("a photo of sks ball", num_inference_steps=2, width=64, height=64, guidance_scale=0.0,
-                output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
-
-
-def _lora_modules(module) -> set[str]:
-    return {n.rsplit(".lora_A", 1)[0] for n, _ in module.named_modules() if n.endswith(".lora_A")}
+    return load_family("z_image", model, flow=FlowOptions(**options))
 
 
 # ------------------------------------------------------------------ training and the diffusers file
@@ -83,13 +45,7 @@ def test_lora_training_lowers_the_loss_on_the_training_images(trained, tiny_z_im
 
 def test_diffusers_file_loads_into_every_module_and_changes_the_output(trained, tiny_z_image):
     result, _ = trained
-    pipe = _pipe(tiny_z_image)
-    plain = _image(pipe)
-    pipe.load_lora_weights(str(result.run_dir), adapter_name="d")
-    assert np.abs(_image(pipe) - plain).max() > 1e-3, "the LoRA did not change the output"
-    with safe_open(str(result.run_dir / "pytorch_lora_weights.safetensors"), "pt") as f:
-        in_file = {k[len("transformer."):].rsplit(".lora_", 1)[0] for k in f.keys()}
-    assert _lora_modules(pipe.transformer) == in_file
+    in_file = load_diffusers_file(PIPELINE, tiny_z_image, result.run_dir)
     # The default targets (musubi-tuner's): attention and MLP of the main blocks; no refiner, no modulation.
     assert {f"layers.{i}.{m}" for i in (0, 1) for m in ("attention.to_q", "attention.to_k", "attention.to_v",
             "attention.to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")} == in_file
@@ -100,9 +56,7 @@ def test_diffusers_file_loads_into_every_module_and_changes_the_output(trained, 
 
 def test_kohya_names_and_metadata_are_what_comfyui_and_musubi_use(trained):
     result, _ = trained
-    with safe_open(str(result.run_dir / "run.safetensors"), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata()
+    state, meta = kohya_file(result.run_dir)
     names = {k.split(".")[0] for k in state}
     assert names <= REAL_NAMES, sorted(names - REAL_NAMES)
     assert state["lora_unet_layers_0_attention_qkv.lora_up.weight"].shape == (3 * DIM, 3 * 8)
@@ -116,9 +70,7 @@ def test_kohya_file_applies_in_comfyui_as_the_trained_lora(trained):
     result, _ = trained
     kohya = load_file(result.run_dir / "run.safetensors")
     peft = load_file(result.run_dir / "pytorch_lora_weights.safetensors")
-    with safe_open(str(result.run_dir / "pytorch_lora_weights.safetensors"), "pt") as f:
-        meta = json.loads(f.metadata()["lora_adapter_metadata"])
-    scale = meta["transformer.lora_alpha"] / meta["transformer.r"]
+    scale = peft_scale(result.run_dir)
     for i in (0, 1):
         for name, parts in [("attention_qkv", ["to_q", "to_k", "to_v"]), ("attention_out", ["to_out.0"])]:
             key = f"lora_unet_layers_{i}_{name}"
@@ -132,12 +84,7 @@ def test_kohya_file_applies_in_comfyui_as_the_trained_lora(trained):
 @pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters")
 def test_kohya_file_loads_in_diffusers_to_the_same_model(trained, tiny_z_image):
     result, _ = trained
-    pipe = _pipe(tiny_z_image)
-    pipe.load_lora_weights(str(result.run_dir), adapter_name="d")
-    with_diffusers = _image(pipe)
-    pipe = _pipe(tiny_z_image)
-    pipe.load_lora_weights(load_file(result.run_dir / "run.safetensors"), adapter_name="k")
-    assert np.abs(_image(pipe) - with_diffusers).max() < 1e-5
+    assert_kohya_file_samples_as_diffusers_file(PIPELINE, tiny_z_image, result.run_dir)
 
 
 def test_refiner_and_modulation_map_and_outer_layers_are_refused():
