@@ -93,6 +93,26 @@ def test_ti_learns_the_token_in_clip_l_only(ti_run, tiny_flux):
     assert (moved > 1e-2).all(), f"every vector should learn, moved {moved.tolist()}"
 
 
+def test_training_encodes_the_caption_as_flux_pipeline_encodes_the_prompt(ti_run, tiny_flux):
+    # CLIP-L reads the expanded token (`<t> <t>_1`), T5 the caption as written: as FluxPipeline does
+    # with the embedding loaded, so what the vectors learn is what sampling feeds them.
+    from finetune.families import get_family
+    from finetune.methods.textual_inversion import TextualInversionConfig, TextualInversionMethod
+
+    c = ti_run.components
+    method = TextualInversionMethod(TextualInversionConfig(**_ti()), get_family("flux"), None)
+    caption = method.prepare_caption(PROMPT)
+    assert f"{TOKEN} {TOKEN}_1" in caption
+    with torch.no_grad():
+        ours = get_family("flux").encode_prompts(c, [caption])
+    pipe = _pipe(tiny_flux)
+    pipe.load_textual_inversion(str(ti_run.run_dir))
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(PROMPT, prompt_2=None, device="cpu")
+    assert torch.allclose(ours["prompt_embeds"], embeds, atol=1e-6)
+    assert torch.allclose(ours["pooled_prompt_embeds"], pooled, atol=1e-6)
+
+
 @pytest.mark.parametrize("fmt", ["diffusers", "embedding"])
 def test_ti_files_load_in_flux_pipeline_and_change_its_output(ti_run, tiny_flux, fmt):
     c = ti_run.components

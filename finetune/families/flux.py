@@ -83,6 +83,16 @@ _TOP = {
 }
 
 
+# A multi-vector textual-inversion token as the methods expand it: `<t> <t>_1 <t>_2`.
+_EXPANDED = re.compile(r"(\S+)(?: \1_\d+)+")
+
+
+def unexpanded(caption: str) -> str:
+    """The caption T5 reads: FluxPipeline expands a multi-vector token only for the tokenizer that has it
+    (CLIP-L's; T5 learns no token), so T5 sees `<t>` where CLIP-L sees `<t> <t>_1 ...`."""
+    return _EXPANDED.sub(r"\1", caption)
+
+
 def bfl_module(name: str, inner: int) -> tuple[str, int, int | None, bool] | None:
     """Where a diffusers FluxTransformer2DModel Linear lives in the original checkpoint:
     (BFL module, first row, rows of the fused BFL weight or None when not fused, whether the two
@@ -193,8 +203,8 @@ class FluxFamily(FlowFamily):
         ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
         pooled = clip(ids.to(module_device(clip)), output_hidden_states=False).pooler_output
-        ids2 = tok2(captions, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True,
-                    return_tensors="pt").input_ids
+        ids2 = tok2([unexpanded(cap) for cap in captions], padding="max_length", max_length=T5_MAX_LENGTH,
+                    truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():  # T5 never trains
             hidden = t5(ids2.to(module_device(t5)), output_hidden_states=False)[0]
         return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
@@ -202,7 +212,7 @@ class FluxFamily(FlowFamily):
     def count_truncated(self, c: Components, captions: list[str]) -> int:
         # T5 carries the prompt; CLIP-L gives only a pooled summary, so its 77-token cut matters little.
         tok = c.tokenizers["text_encoder_2"]
-        return sum(len(tok(cap).input_ids) > T5_MAX_LENGTH for cap in captions)
+        return sum(len(tok(unexpanded(cap)).input_ids) > T5_MAX_LENGTH for cap in captions)
 
     def shift_mu(self, c: Components, image_seq_len: int) -> float:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift

@@ -13,9 +13,8 @@ gradient), so the rest of the text encoder is bit-identical after training.
 Which text encoders learn: those the family names in `embedding_keys` (SD1.x: its one CLIP; SDXL:
 CLIP-L and OpenCLIP bigG). FLUX.1 learns the token in CLIP-L only: T5 gets no new token and reads
 the trigger as ordinary text pieces, as FluxPipeline's T5 does (its `maybe_convert_prompt` finds no
-such token in T5's tokenizer). With several vectors T5 still sees the caption expanded
-(`<t> <t>_1 ...`) in training but `<t>` in FluxPipeline: the expansion is one caption for every
-encoder. CLIP-L reaches FLUX.1 only through its pooled output (the modulation vector), so a FLUX
+such token in T5's tokenizer). With several vectors the caption is expanded once (`<t> <t>_1 ...`)
+and FLUX.1's family gives T5 the unexpanded text (`flux.unexpanded`), as the pipeline does. CLIP-L reaches FLUX.1 only through its pooled output (the modulation vector), so a FLUX
 embedding steers less than an SD one; pivotal tuning's LoRA carries the subject. The embedding file
 holds `clip_l` alone: FLUX pivotal files in the wild carry `clip_l` and, optionally, `t5` (diffusers'
 advanced FLUX trainer), and ComfyUI's CLIP-L tokenizer reads the `clip_l` tensor (`embedding_key`).
