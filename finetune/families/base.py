@@ -170,6 +170,10 @@ class Family:
     # The pipeline's keyword for the sampling guidance (`validation.guidance_scale`, generate's --guidance);
     # Qwen-Image's is true_cfg_scale: real classifier-free guidance against a negative prompt.
     guidance_keyword: ClassVar[str] = "guidance_scale"
+    # Tokens of one caption's cached embeddings (what `finetune plan` counts per cached caption).
+    text_tokens: ClassVar[int] = 77
+    # Guidance-distilled (FLUX.1): sampling runs one denoiser pass per step, never a CFG pair.
+    guidance_distilled: ClassVar[bool] = False
     # Whether diffusers' `load_lora_weights` reads this family's kohya-layout file (SD3's it does not).
     diffusers_reads_kohya: ClassVar[bool] = True
     # Whether `save_single_file` writes a checkpoint an app loads (DreamBooth writes one where there is).
@@ -241,6 +245,16 @@ class Family:
         the pipeline's own `encode_prompt` where the text encoders are: samples made later need no text
         encoder on the GPU."""
         raise NotImplementedError
+
+    def denoiser_built(self, model) -> None:
+        """Called on the denoiser once built, loaded or on the meta device (`finetune plan`): what the
+        family adds to diffusers' class (SD3: the names of its repeated blocks)."""
+
+    def plan_denoiser_inputs(self, config, batch: int, latent: tuple[int, int], dtype, text_grad: bool, empty) -> dict:
+        """The denoiser's keyword arguments for one training call, as meta tensors made by
+        `empty(*shape, dtype=..., grad=...)` (`finetune plan` traces the call with them); `latent` is
+        the latent (height, width), `text_grad` whether the text embeddings carry gradients."""
+        raise FinetuneError(f"plan cannot trace the {self.title or self.name} family's denoiser yet")
 
     def base_model_version(self, c: Components) -> str:
         """kohya's `ss_base_model_version` for the loaded model (a family may span versions: SD1.x/2.x)."""

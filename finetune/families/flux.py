@@ -147,6 +147,8 @@ class FluxFamily(FlowFamily):
     kohya_base_model_version = "flux1"  # what kohya's sd-scripts writes for FLUX.1 (dev and schnell)
     default_resolution = 1024
     denoiser_component = "transformer"
+    text_tokens = T5_MAX_LENGTH
+    guidance_distilled = True
     # CLIP-L only, under the name FLUX pivotal files in the wild give it (diffusers' advanced FLUX
     # trainer writes `clip_l` and, optionally, `t5`); T5 gets no new token.
     embedding_keys = {"text_encoder": "clip_l"}
@@ -213,6 +215,18 @@ class FluxFamily(FlowFamily):
         # T5 carries the prompt; CLIP-L gives only a pooled summary, so its 77-token cut matters little.
         tok = c.tokenizers["text_encoder_2"]
         return sum(len(tok(unexpanded(cap)).input_ids) > T5_MAX_LENGTH for cap in captions)
+
+    def plan_denoiser_inputs(self, config, batch, latent, dtype, text_grad, empty) -> dict:
+        tokens, (h, w) = T5_MAX_LENGTH, latent
+        patches = (h // 2) * (w // 2)  # latents packed in 2x2 patches
+        kwargs = dict(hidden_states=empty(batch, patches, config.in_channels, dtype=dtype),
+                      encoder_hidden_states=empty(batch, tokens, config.joint_attention_dim, dtype=dtype, grad=text_grad),
+                      pooled_projections=empty(batch, config.pooled_projection_dim, dtype=dtype, grad=text_grad),
+                      timestep=empty(batch, dtype=dtype), img_ids=empty(patches, 3, dtype=dtype),
+                      txt_ids=empty(tokens, 3, dtype=dtype))
+        if config.guidance_embeds:
+            kwargs["guidance"] = empty(batch, dtype=dtype)
+        return kwargs
 
     def shift_mu(self, c: Components, image_seq_len: int) -> float:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift

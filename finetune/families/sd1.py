@@ -115,6 +115,19 @@ class SD1Family(Family):
         embeds, negative = c.pipeline.encode_prompt(prompt, device, 1, guidance > 1, negative_prompt)
         return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
 
+    def plan_denoiser_inputs(self, config, batch, latent, dtype, text_grad, empty) -> dict:
+        import torch
+
+        (h, w), tokens = latent, self.text_tokens
+        kwargs = dict(sample=empty(batch, config.in_channels, h, w, dtype=dtype),
+                      timestep=torch.zeros(batch, dtype=torch.long, device="meta"),
+                      encoder_hidden_states=empty(batch, tokens, config.cross_attention_dim, dtype=dtype, grad=text_grad))
+        if config.addition_embed_type == "text_time":  # SDXL: pooled text + six size/crop numbers
+            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            kwargs["added_cond_kwargs"] = {"text_embeds": empty(batch, pooled, dtype=dtype, grad=text_grad),
+                                           "time_ids": empty(batch, 6, dtype=dtype)}
+        return kwargs
+
     def sample_noisy(self, c: Components, latents: torch.Tensor, noise_offset: float = 0.0):
         return _ddpm.sample_noisy(c.noise_scheduler, latents, noise_offset)
 

@@ -148,6 +148,7 @@ class SD3Family(FlowFamily):
     kohya_base_model_version = "5-medium"  # until a model is loaded: the recipes' SD3.5 Medium
     default_resolution = 1024
     denoiser_component = "transformer"
+    text_tokens = 77 + T5_MAX_LENGTH
 
     @property
     def pipeline_class(self):
@@ -178,9 +179,7 @@ class SD3Family(FlowFamily):
             raise FinetuneError(f"model.base: {source.label} has no T5 text encoder (text_encoder_3); SD3 trains with "
                                 "all three text encoders, as it samples best")
         self._version = sd3_version(pipe.transformer.config)
-        if not getattr(pipe.transformer, "_repeated_blocks", None):
-            # diffusers 0.42 names no repeated block for SD3; memory.offload_blocks and memory.compile need them.
-            pipe.transformer._repeated_blocks = ["JointTransformerBlock"]
+        self.denoiser_built(pipe.transformer)
         return place(Components(
             pipeline=pipe, denoiser=pipe.transformer, vae=pipe.vae,
             text_encoders={n: getattr(pipe, n) for n in self.text_encoder_names},
@@ -241,6 +240,18 @@ class SD3Family(FlowFamily):
             pooled_projections=cond["pooled_prompt_embeds"].to(device, dtype),
             return_dict=False,
         )[0]
+
+    def denoiser_built(self, model) -> None:
+        if not getattr(model, "_repeated_blocks", None):
+            # diffusers 0.42 names no repeated block for SD3; memory.offload_blocks and memory.compile need them.
+            model._repeated_blocks = ["JointTransformerBlock"]
+
+    def plan_denoiser_inputs(self, config, batch, latent, dtype, text_grad, empty) -> dict:
+        (h, w) = latent  # the CLIPs' 77 tokens (padded to T5's width) followed by T5's
+        return dict(hidden_states=empty(batch, config.in_channels, h, w, dtype=dtype), timestep=empty(batch, dtype=dtype),
+                    encoder_hidden_states=empty(batch, self.text_tokens, config.joint_attention_dim, dtype=dtype,
+                                                grad=text_grad),
+                    pooled_projections=empty(batch, config.pooled_projection_dim, dtype=dtype, grad=text_grad))
 
     def loss_weights(self, c: Components, timesteps, min_snr_gamma):
         # sigma^2: the reference trainers' output preconditioning (module docstring).

@@ -18,43 +18,16 @@ from . import meta
 from .method import MethodPlan, apply
 from .trace import measure
 
-CLIP_TOKENS = 77
+CLIP_TOKENS = 77  # a text encoder's sequence when its config names none
 
 
 def _empty(*shape, dtype=torch.float32, grad=False):
     return torch.empty(*shape, device="meta", dtype=dtype, requires_grad=grad)
 
 
-def denoiser_inputs(model, batch: int, latent: tuple[int, int], dtype, text_grad: bool) -> dict:
-    """Keyword arguments of one denoiser call as the families make it (finetune/families/*.py predict)."""
-    cfg, (h, w) = model.config, latent
-    name = type(model).__name__
-    if name == "UNet2DConditionModel":
-        kwargs = dict(sample=_empty(batch, cfg.in_channels, h, w, dtype=dtype),
-                      timestep=torch.zeros(batch, dtype=torch.long, device="meta"),
-                      encoder_hidden_states=_empty(batch, CLIP_TOKENS, cfg.cross_attention_dim, dtype=dtype,
-                                                   grad=text_grad))
-        if cfg.addition_embed_type == "text_time":  # SDXL: pooled text + six size/crop numbers
-            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            kwargs["added_cond_kwargs"] = {"text_embeds": _empty(batch, pooled, dtype=dtype, grad=text_grad),
-                                           "time_ids": _empty(batch, 6, dtype=dtype)}
-        return kwargs
-    if name == "FluxTransformer2DModel":
-        from ..families.flux import T5_MAX_LENGTH
-
-        tokens = (h // 2) * (w // 2)  # latents packed in 2x2 patches
-        kwargs = dict(hidden_states=_empty(batch, tokens, cfg.in_channels, dtype=dtype),
-                      encoder_hidden_states=_empty(batch, T5_MAX_LENGTH, cfg.joint_attention_dim, dtype=dtype,
-                                                   grad=text_grad),
-                      pooled_projections=_empty(batch, cfg.pooled_projection_dim, dtype=dtype, grad=text_grad),
-                      timestep=_empty(batch, dtype=dtype), img_ids=_empty(tokens, 3, dtype=dtype),
-                      txt_ids=_empty(T5_MAX_LENGTH, 3, dtype=dtype))
-        if cfg.guidance_embeds:
-            kwargs["guidance"] = _empty(batch, dtype=dtype)
-        return kwargs
-    from ..errors import FinetuneError
-
-    raise FinetuneError(f"plan cannot trace a {name} yet (it traces UNet2DConditionModel and FluxTransformer2DModel)")
+def denoiser_inputs(family, model, batch: int, latent: tuple[int, int], dtype, text_grad: bool) -> dict:
+    """Keyword arguments of one denoiser call as `family` makes it (its `plan_denoiser_inputs`)."""
+    return family.plan_denoiser_inputs(model.config, batch, latent, dtype, text_grad, _empty)
 
 
 def _checkpointing(model, on: bool) -> None:
@@ -104,13 +77,10 @@ class Tracer:
 
     def cache_bytes_per_image(self, size: tuple[int, int], weight_bytes: int, latents: bool, text: bool) -> int:
         """Host RAM the caches take per training image: its latent and its caption's text embeddings
-        (CLIP's 77 tokens, or FLUX's 512 T5 tokens, at the denoiser's context width), each if cached."""
-        from ..families.flux import T5_MAX_LENGTH
-
+        (the family's `text_tokens` at the denoiser's context width), each if cached."""
         h, w = self.latent(size)
         latent = self.latent_channels * h * w * weight_bytes if latents else 0
-        flux = "joint_attention_dim" in self.denoiser
-        tokens = T5_MAX_LENGTH if flux else CLIP_TOKENS
+        tokens = self.family.text_tokens
         width = self.denoiser.get("joint_attention_dim") or self.denoiser.get("cross_attention_dim")
         width = width if isinstance(width, int) else 768  # a per-block list in some UNets
         return latent + (tokens * width * weight_bytes if text else 0)
@@ -129,6 +99,8 @@ class Tracer:
 
                 raise FinetuneError(f"model.base: cannot build the {name} of {self.spec.label} from its config "
                                     "(no config.json, or a class diffusers/transformers do not have)")
+            if name == self.family.denoiser_component:
+                self.family.denoiser_built(model)
             repeats = meta.cut_repeats(model)
             apply(mp, self.family, name, model, trained_encoders(mp, self.family, text_encoder_names(self.spec)))
             if fp8:
@@ -173,7 +145,7 @@ class Tracer:
         weights' upcast copies it keeps included)."""
         def make():
             model, repeats = self.model(self.family.denoiser_component, mp, dtype, fp8)
-            kwargs = denoiser_inputs(model, 1, self.latent(size), dtype, text_grad)
+            kwargs = denoiser_inputs(self.family, model, 1, self.latent(size), dtype, text_grad)
             return _step(model, repeats, checkpointing, lambda: model(**kwargs, return_dict=False)[0], _flat(kwargs))
         return self._cached(("step", mp, dtype, checkpointing, size, text_grad, fp8), make)
 
@@ -192,7 +164,7 @@ class Tracer:
         def make():
             model, _ = self.model(self.family.denoiser_component, mp, dtype, fp8)
             model.eval()
-            kwargs = denoiser_inputs(model, 1, self.latent(size), dtype, False)
+            kwargs = denoiser_inputs(self.family, model, 1, self.latent(size), dtype, False)
             with torch.no_grad():  # nothing accumulates block after block: no repeats to add back
                 return measure(lambda: model(**kwargs, return_dict=False)[0],
                                external=_inputs_of(model) + _flat(kwargs), backward=False)

@@ -167,11 +167,11 @@ def _upcast(trace) -> float:
 
 def _sampling(tracer, s: Settings, size, images: int, cfg: bool) -> float:
     """Peak of making `images` at once: the denoiser's steps (a doubled batch under classifier-free
-    guidance; FLUX.1 is guidance-distilled: one pass) or the fp32 VAE decoding them, one at a time
+    guidance; a guidance-distilled model, FLUX.1: one pass) or the fp32 VAE decoding them, one at a time
     (`devices.decode_latents` slices)."""
     from .meta import DTYPES
 
-    passes = 2 if cfg and tracer.family.name != "flux" else 1
+    passes = 2 if cfg and not tracer.family.guidance_distilled else 1
     sample = functools.partial(tracer.denoiser_sample, s.method, DTYPES[s.precision], size)
     denoise = sample() * images * passes + (_upcast(sample) if s.fp8 else 0)
     decode = tracer.vae("decode", size)

@@ -83,7 +83,7 @@ def note(est: Estimate) -> list[str]:
 
 def advice_lines(result) -> list[str]:
     adv, budget = result.advice, result.vram
-    if not adv.steps:
+    if not adv.steps and adv.fits:
         return [f"--vram {_g(budget)} GiB: fits ({_g(adv.final.needs)} GiB needed)"]
     out = []
     if adv.fits:
