@@ -121,7 +121,7 @@ def test_two_processes_train_what_one_process_trains_with_twice_the_batch(tmp_pa
     assert any(not torch.equal(a[k], early[k]) for k in a)  # training went on after the checkpoint
     # One set of files, written once: one metrics row a step, one line per message.
     assert sorted(p.name for p in two.iterdir()) == sorted(
-        ["README.md", "checkpoints", "metrics.jsonl", "pytorch_lora_weights.safetensors", "recipe.yaml",
+        ["README.md", "checkpoints", "metrics.jsonl", "plots", "pytorch_lora_weights.safetensors", "recipe.yaml",
          "whole.safetensors"])
     assert [row["step"] for row in step_rows(two)] == \
         list(range(1, STEPS + 1))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..files import write_text_atomically
+from .plots import card_lines
 
 METHOD_NAMES = {"lora": "LoRA", "dreambooth": "DreamBooth (full fine-tune)", "textual_inversion": "textual-inversion"}
 
@@ -81,6 +82,8 @@ def _memory_options(recipe) -> list[str]:
 
 def write_model_card(run_dir: Path, recipe, family, method, source, run_name: str, files: list[Path],
                      samples: list[Path], losses: list[float]) -> Path:
+    from ..train.held_out import card_rows
+
     t, m, d = recipe.training, recipe.method, recipe.data
     method_name = METHOD_NAMES.get(m.type, m.type)
     cls = family.pipeline_class.__name__
@@ -138,6 +141,7 @@ def write_model_card(run_dir: Path, recipe, family, method, source, run_name: st
         f"| precision | {t.mixed_precision}; gradient checkpointing {'on' if t.gradient_checkpointing else 'off'} |",
         f"| seed | {t.seed} |",
         f"| final loss | {losses[-1]:.4f} |" if losses else "| final loss | - |",
+        *card_rows(run_dir),  # held-out val_loss and output.keep_best's checkpoint
         *_memory_options(recipe),
         *_memory_row(run_dir),
         "",
@@ -145,6 +149,7 @@ def write_model_card(run_dir: Path, recipe, family, method, source, run_name: st
         "reproduces the run into a new folder.",
         "",
     ]
+    lines += card_lines(run_dir)  # plots/metrics.png and plots/samples.png, those the run has
     if samples:
         lines += ["## Samples", ""]
         for p in samples:

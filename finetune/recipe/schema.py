@@ -107,6 +107,10 @@ class DataConfig(Section):
     num_workers: int = Field(0, ge=0, le=256)
     follow_symlinks: bool = Field(False, description=(
         "Read files reached through symlinks that leave the data folder; off: they are skipped and named."))
+    validation_split: float = Field(0.0, ge=0.0, le=0.5, description=(
+        "Fraction of the images kept out of training (chosen by training.seed) for the held-out val_loss; 0: none."))
+    validation_path: str | None = Field(None, min_length=1, description=(
+        "Held-out images of their own (a folder or metadata file, read like data.path), instead of a split."))
 
     @field_validator("resolution")
     @classmethod
@@ -140,6 +144,12 @@ class OptimizerConfig(Section):
         description="8-bit optimizers keep tensors smaller than this in 32-bit (bitsandbytes' default).")
 
 
+class EarlyStoppingConfig(Section):
+    metric: Literal["val_loss"] = "val_loss"
+    patience: int = Field(3, ge=1, le=MAX_STEPS, description="Validations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0.0, le=1e6, description="What counts as an improvement: a decrease by more.")
+
+
 class TrainingConfig(Section):
     max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps; set this or epochs.")
     epochs: int | None = Field(None, ge=1, le=100_000)
@@ -166,6 +176,9 @@ class TrainingConfig(Section):
         "A NaN/inf loss: stop the run (naming the step and the batch's files), or skip that batch and go on; "
         "more than max_skipped_in_a_row skipped in a row stops the run anyway."))
     max_skipped_in_a_row: int = Field(10, ge=1, le=MAX_STEPS)
+    early_stopping: EarlyStoppingConfig | None = Field(None, description=(
+        "Stop after `patience` validations without the held-out val_loss improving by more than min_delta, "
+        "with a checkpoint and the final files; null: off."))
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -260,6 +273,9 @@ class OutputConfig(Section):
     run_name: str | None = Field(None, description="Folder name under output.dir; default: recipe name + time.")
     dir: str = "outputs"
     save_every_n_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    keep_best: Literal["val_loss"] | None = Field(None, description=(
+        "Also keep the checkpoint with the lowest held-out val_loss (named in checkpoints/best.json), whatever "
+        "keep_last_checkpoints says; the final files stay the last step's."))
     keep_last_checkpoints: int | None = Field(
         None, ge=1, le=10_000,
         description="Keep only the newest N checkpoints; older ones are deleted after a new one is complete.")
@@ -268,6 +284,9 @@ class OutputConfig(Section):
         description="Adapter files to write; at least one, or the run would keep nothing.")
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
     trigger_words: list[str] = Field(default_factory=list, description="Listed in the model card.")
+    trackers: list[str] = Field(default_factory=list, description=(
+        "Experiment trackers accelerate supports (tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, "
+        "swanlab, trackio), given every metrics.jsonl row; checked before loading (finetune/train/tracking.py)."))
     hooks: list[dict] | None = Field(
         None, description="Output hooks every emitted image passes through, in order, e.g. "
                           "[{type: watermark}, {type: provenance}, {type: prompt_filter, block: [...]}]; "
@@ -310,6 +329,13 @@ class Recipe(Section):
             if v is not None and v % multiple:
                 raise ValueError(f"validation.{key}: {v} is not a multiple of {multiple}")
         mem, tr = self.memory, self.training
+        held = self.data.validation_split > 0 or self.data.validation_path
+        if self.data.validation_split > 0 and self.data.validation_path:
+            raise ValueError("data.validation_path: set it or data.validation_split, not both")
+        for key, on in (("output.keep_best", self.output.keep_best), ("training.early_stopping", tr.early_stopping)):
+            if on and not (held and self.validation.every_n_steps):
+                raise ValueError(f"{key}: needs held-out images (data.validation_split or data.validation_path) "
+                                 "and validation.every_n_steps, when the val_loss is measured")
         if mem.fp8_base and mem.quantize_base != "none":
             raise ValueError(f"memory.fp8_base: cannot also quantize the base (memory.quantize_base="
                              f"{mem.quantize_base}); choose one")

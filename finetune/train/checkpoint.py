@@ -54,6 +54,7 @@ class TrainerState:
     method: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # data_fingerprint() of what this run trains on
     processes: int = 1  # the data order and RNG states are per process: a resume needs as many
+    held_out: dict = field(default_factory=dict)  # held_out.py's record: lowest val_loss, its checkpoint, patience
 
 
 def register_param_hooks(accelerator, groups: list[dict]) -> None:
@@ -225,9 +226,10 @@ def _commit(tmp: Path, checkpoints: Path, step: int, write_main, state: TrainerS
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if keep:
-        # Only now that the new one is complete do older ones go.
+        # Only now that the new one is complete do older ones go; output.keep_best's stays.
         for old in completed(checkpoints)[:-keep]:
-            shutil.rmtree(old)
+            if old.name != state.held_out.get("checkpoint"):
+                shutil.rmtree(old)
     return final
 
 

@@ -18,8 +18,13 @@ def uncropped_sizes(latents: torch.Tensor, vae_scale: int = 8) -> dict:
 
 
 @torch.no_grad()
-def fixed_noise_loss(family, c, latents: torch.Tensor, captions: list[str], seed: int = 0, repeats: int = 4) -> float:
-    cond = {**family.encode_prompts(c, captions), **family.image_conditioning(c, uncropped_sizes(latents))}
+def fixed_noise_loss(family, c, latents: torch.Tensor, captions: list[str], seed: int = 0, repeats: int = 4,
+                     cond: dict | None = None) -> float:
+    """The mean loss over `repeats` seeded draws of noise and timestep. `cond`: the conditioning made
+    beforehand (cached caption embeddings and the images' size conditioning, held_out.py), so no
+    text encoder runs here; default: the captions encoded now, for whole uncropped images."""
+    if cond is None:
+        cond = {**family.encode_prompts(c, captions), **family.image_conditioning(c, uncropped_sizes(latents))}
     total = 0.0
     with fork_rng():
         torch.manual_seed(seed)

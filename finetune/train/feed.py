@@ -11,6 +11,7 @@ import torch
 
 from .caches import TextCache, build_latent_cache, build_text_cache, drawable_captions, encode_caption, seeded_encode
 from .data_loader import StepSampler, TrainingItems, build_loader
+from .held_out import cache_held_out
 from .objective import BatchLoss, vae_seeds
 from .setup import WEIGHT_DTYPES, decide_caching
 
@@ -23,6 +24,7 @@ class Feed:
     accelerator: object
     latents: Mapping | None  # {key: latent}, in memory or read from memory.cache_dir; None: encoded each step
     text: TextCache | None  # every caption's embeddings, made before the first step; None: encoded each step
+    held_out: object = None  # held_out.HeldOutCache of the images kept out of training; None: none are
 
     @property
     def latents_precomputed(self) -> bool:
@@ -89,6 +91,7 @@ def build_feed(run, accelerator, text_cached=None) -> Feed:
         run.log("memory.cache_dir: this run caches neither latents nor text embeddings (data.cache_latents, "
                 "data.cache_text_embeddings); the folder is not used")
     text = _text_cache(run, accelerator, classes, disk) if cache_text else None
+    held_out = cache_held_out(run, accelerator)  # while the text encoders and the VAE are still on the GPU
     if text_cached is not None:
         text_cached(text is not None)
     latents = _latent_caches(run, accelerator, classes, disk) if cache_latents else None
@@ -101,7 +104,7 @@ def build_feed(run, accelerator, text_cached=None) -> Feed:
     truncated = run.family.count_truncated(run.c, [e.caption or "" for e in run.examples])
     if truncated:
         run.log(f"warning: {truncated} caption(s) are longer than the text encoder's token limit and will be cut")
-    return Feed(sampler, loader, run, accelerator, latents[0] if latents else None, text)
+    return Feed(sampler, loader, run, accelerator, latents[0] if latents else None, text, held_out)
 
 
 def _latent_caches(run, accelerator, classes, disk) -> tuple[Mapping, dict]:

@@ -11,6 +11,7 @@ from typing import Callable
 
 from ..errors import RecipeError
 from . import checkpoint as ckpt
+from .held_out import split_examples
 from .memory import check_memory_options
 from .preflight import preflight
 from .run_dir import open_run, owned
@@ -39,6 +40,7 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     check_memory_options(recipe, state.num_processes)
     base_dir = recipe_path.parent if recipe_path else None
     examples = discover_examples(recipe.data, base_dir, log=log)
+    examples, held_out = split_examples(recipe, examples, base_dir, log)  # held-out images never train
     dataset = ImageCaptionDataset(examples, recipe.data, seed=recipe.training.seed)
     log(f"data: {len(examples)} images x {recipe.data.repeats} repeats from {recipe.data.path}")
 
@@ -48,7 +50,8 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
                                                                                allow_changed_data, log))
     with owned(run_dir, lock, log):
         run = _load(recipe, dict(log=log, progress=progress, family=family, source=source, examples=examples,
-                                 dataset=dataset, run_dir=run_dir, run_name=run_name, resume_from=resume_from))
+                                 dataset=dataset, run_dir=run_dir, run_name=run_name, resume_from=resume_from,
+                                 held_out=held_out))
         trainer = Trainer(run)
         trainer.prepare()
         return trainer.fit()
@@ -106,7 +109,7 @@ def _load(recipe, known: dict):
     # Before the model loads: a configured filter that cannot load stops the run now (fail closed).
     log, family = known["log"], known["family"]
     output_hooks = build_pipeline(recipe.output.hooks, log)
-    accelerator = make_accelerator(recipe.training)
+    accelerator = make_accelerator(recipe.training, recipe.output.trackers, known["run_dir"])
     use_tf32(recipe.memory, accelerator.device, log)
     log(f"loading {known['source'].label} ({family.name})")
     c = load_components(family, known["source"], recipe.model, recipe.training, accelerator.device, recipe.memory)

@@ -20,8 +20,10 @@ _LORA_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "MultiheadA
 
 def preflight(recipe) -> None:
     """Raise one RecipeError listing every problem found, or return."""
+    from .tracking import tracker_problems
+
     problems = [*_hardware_problems(recipe.training), *_quantize_problems(recipe), *_non_finite(recipe),
-                *_folder_problems(recipe), *_model_problems(recipe)]
+                *_folder_problems(recipe), *tracker_problems(recipe.output.trackers), *_model_problems(recipe)]
     if problems:
         raise RecipeError(problems)
 

@@ -24,7 +24,7 @@ from ..recipe import dump_recipe
 LOCK = ".lock"
 # What a run writes about itself; a failed run with nothing else (and no complete checkpoint) has
 # nothing worth keeping, and its folder goes so that the name is free again.
-BOOKKEEPING = frozenset({"recipe.yaml", "metrics.jsonl", "samples", "checkpoints", LOCK})
+BOOKKEEPING = frozenset({"recipe.yaml", "metrics.jsonl", "samples", "checkpoints", "logs", LOCK})
 
 
 def open_run(recipe, recipe_path: Path | None, resume: str | None, log) -> tuple[Path, str, Path | None, RunLock]:

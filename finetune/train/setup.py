@@ -29,12 +29,14 @@ def resolve_family(model_cfg):
     return detect_family(index), source  # a folder no family claims: one line naming the families
 
 
-def make_accelerator(training):
+def make_accelerator(training, trackers: list[str] = (), run_dir: Path | None = None):
+    """`trackers` (output.trackers) log into `run_dir`, the project folder."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import GradientAccumulationPlugin, set_seed
 
     from .distributed import launched_processes, process_state
+    from .tracking import accelerator_options
 
     if launched_processes() == 1:
         # accelerate keeps process-wide state; a second run in one process (notebooks, benchmarks)
@@ -44,7 +46,8 @@ def make_accelerator(training):
     # sync_with_dataloader: an accumulation window closes at the end of each epoch.
     plugin = GradientAccumulationPlugin(num_steps=training.gradient_accumulation_steps, sync_with_dataloader=True)
     accelerator = Accelerator(mixed_precision=training.mixed_precision, gradient_accumulation_plugin=plugin,
-                              cpu=state.device.type == "cpu" and state.num_processes > 1)
+                              cpu=state.device.type == "cpu" and state.num_processes > 1,
+                              **accelerator_options(trackers, run_dir))
     set_seed(training.seed)
     return accelerator
 

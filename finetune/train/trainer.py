@@ -14,6 +14,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .distributed import any_process, per_process, summed
+from .held_out import HeldOut
 from .peak import watch_memory
 from .steps import NonFinite, Window
 
@@ -38,6 +39,7 @@ class Run:
     groups: list[dict]
     output_hooks: object
     class_files: list[Path] = field(default_factory=list)
+    held_out: list = field(default_factory=list)  # examples kept out of training (held_out.py)
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Trainer:
         self.batch_loss = self.feed.batch_loss(self.forward_c)
         if r.resume_from is not None:
             self.resume(r.resume_from)
+        self.held_out, self.last_saved = HeldOut(self), None  # after a resume: it reads the resumed state
 
     def _text_cached(self, precomputed: bool) -> None:
         """Once every caption is encoded: the validation prompts too, then the text encoders may go."""
@@ -130,10 +133,10 @@ class Trainer:
                  f"batch {self.state.batches_in_epoch})")
 
     def fit(self) -> RunResult:
-        from .run_dir import MetricsLog
+        from .tracking import open_metrics
         from .signals import GracefulStop
 
-        self.metrics = MetricsLog(self.run.run_dir / "metrics.jsonl") if self.accelerator.is_main_process else None
+        self.metrics = open_metrics(self.run, self.accelerator)  # metrics.jsonl, and output.trackers
         self._announce()
         self.bar = self._progress_bar()
         for m in self.trainable:
@@ -151,6 +154,7 @@ class Trainer:
             self.bar.close()
             if self.metrics:
                 self.metrics.close()
+                self.metrics = None  # closed: later rows (the end-of-run held-out loss) open the file anew
         return self.finish()
 
     def _announce(self) -> None:
@@ -220,7 +224,10 @@ class Trainer:
         self._report(step_loss)
         last = st.step >= self.max_steps
         if v_every and st.step % v_every == 0 and not last:
-            self.samples += self.validate(st.step)
+            if self.held_out.validate(st.step):  # early stopping: this step is the last; finish() samples it
+                self.max_steps, last = st.step, True
+            else:
+                self.samples += self.validate(st.step)
         stop = totals[-1] > 0
         if (s_every and st.step % s_every == 0 or stop) and not last:
             saved = self.save_checkpoint()
@@ -274,14 +281,18 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         r, a = self.run, self.accelerator
+        if self.last_saved and self.last_saved[0] == self.state.step:  # keep_best saved this step already
+            return self.last_saved[1]
         self.state.data = self.state.data or ckpt.data_fingerprint(r.examples)
         folder = r.run_dir / "checkpoints"
 
         def write_main(tmp: Path) -> None:
             self.method.save(self.c, tmp, self.recipe.output, r.run_name)  # usable on their own, like the final files
 
-        return ckpt.save(a, folder, self.state, (lambda tmp: a.save_state(str(tmp / ckpt.STATE)), write_main),
-                         ckpt.estimate_size(folder, r.groups), self.recipe.output.keep_last_checkpoints)
+        saved = ckpt.save(a, folder, self.state, (lambda tmp: a.save_state(str(tmp / ckpt.STATE)), write_main),
+                          ckpt.estimate_size(folder, r.groups), self.recipe.output.keep_last_checkpoints)
+        self.last_saved = (self.state.step, saved)
+        return saved
 
     def _stopped(self, saved: Path) -> RunResult:
         st = self.state
@@ -293,13 +304,16 @@ class Trainer:
     def finish(self) -> RunResult:
         """The final files, samples and model card, written by the main process."""
         from ..export.model_card import write_model_card
+        from ..export.plots import write_plots
 
         r, a, st = self.run, self.accelerator, self.state
         files = self.method.save(self.c, r.run_dir, self.recipe.output, r.run_name) if a.is_main_process else []
         final_samples = self.validate(st.step)
         self.samples += final_samples
+        self.held_out.validate(st.step, end=True)  # before the card, which names the best checkpoint
         self.peaks.report(r)
         if a.is_main_process:
+            write_plots(r.run_dir, self.log)  # best effort: a warning line, never a failed run
             card = write_model_card(r.run_dir, self.recipe, r.family, self.method, r.source, r.run_name, files,
                                     final_samples, st.losses)
             self.log(f"done: {st.step} steps, final loss {st.losses[-1]:.4f}; "
