@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .. import __version__
@@ -41,16 +40,10 @@ def _webui_line(family, kohya: str) -> str:
 
 def memory_line(run_dir: Path) -> dict | None:
     """The `memory` line the run wrote to its metrics.jsonl (finetune/train/peak.py), the last one."""
-    path = Path(run_dir) / "metrics.jsonl"
-    found = None
-    for text in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            row = json.loads(text)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("memory"), dict):
-            found = row["memory"]
-    return found
+    from ..train.run_dir import read_metrics
+
+    found = [row["memory"] for row in read_metrics(Path(run_dir) / "metrics.jsonl") if isinstance(row.get("memory"), dict)]
+    return found[-1] if found else None
 
 
 def _memory_row(run_dir: Path) -> list[str]:

@@ -6,7 +6,6 @@ the run's result stands without it."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -51,15 +50,13 @@ def card_lines(run_dir: Path) -> list[str]:
 
 
 def step_series(metrics: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """Each numeric per-step metric of metrics.jsonl: name -> (steps, values). Lines that are not JSON
-    objects with an integer `step` (a torn last line, the `memory` record) are passed over."""
+    """Each numeric per-step metric of a metrics.jsonl: name -> (steps, values). Rows without an
+    integer `step` (the `memory` record) and lines that are not JSON (a torn last line) are passed over."""
+    from ..train.run_dir import read_metrics
+
     series: dict[str, tuple[list[int], list[float]]] = {}
-    for text in metrics.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(text)
-        except ValueError:
-            continue
-        if not isinstance(row, dict) or not _number(row.get("step")):
+    for row in read_metrics(metrics):
+        if not _number(row.get("step")):
             continue
         for key, value in row.items():
             if key not in NOT_PLOTTED and _number(value):

@@ -247,15 +247,9 @@ def _image_seed(seed: int, i: int) -> int:
 
 def card_rows(run_dir: Path) -> list[str]:
     """Model-card table rows: the held-out loss at the end and its lowest, and the kept best checkpoint."""
-    path = Path(run_dir) / "metrics.jsonl"
-    values = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get(METRIC), (int, float)):
-            values.append((row["step"], row[METRIC]))
+    from .run_dir import read_metrics
+
+    values = [(row["step"], row[METRIC]) for row in read_metrics(Path(run_dir) / "metrics.jsonl") if isinstance(row.get(METRIC), (int, float))]
     if not values:
         return []
     (last_step, last), (low_step, low) = values[-1], min(values, key=lambda sv: sv[1])

@@ -247,6 +247,20 @@ class MetricsLog:
         self._f.close()
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """A metrics.jsonl's rows, oldest first; lines that are not JSON objects (a torn last line of a run
+    that was killed) are passed over, and a missing file has none."""
+    rows = []
+    for text in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 # Sections a resumed run may change: they decide what is written and sampled, not what is trained.
 RESUME_MAY_CHANGE = ("description", "output", "validation", "memory")
 
