@@ -15,6 +15,8 @@ Per family, each step in its own process (this one imports no torch, so it stays
    recorded" where the finetune in use writes none); from the kernel: the process's peak RSS.
 3. `finetune generate` 2 images with the trained LoRA: wall time (loading included) and how many
    came out black (the manifest's "black image" verdicts).
+4. `finetune eval` of the run (2 images per prompt, base and adapter, the tiny CLIP and DINOv2: the
+   eval path on the GPU, not the metric models' figures): wall time, and which metrics it measured.
 A family that fails becomes a row saying why; the others still run. The table is rewritten after each
 family (a run cut short keeps the rows it finished) and printed at the end.
 """
@@ -95,6 +97,7 @@ class Row:
     train_s: float | None = None
     generate_s: float | None = None
     black: str = ""
+    eval_s: float | None = None
     status: str = "ok"
 
 
@@ -293,6 +296,19 @@ def generate(fam: Family, family: str, base: str, run_dir: Path, ctx: dict, row:
     row.generate_s, row.black = child.seconds, black_images(out)
 
 
+def evaluate(fam: Family, family: str, run_dir: Path, ctx: dict, row: Row) -> None:
+    args = ctx["args"]
+    steps = VALIDATION_STEPS if args.tiny else resolved(fam.recipe, []).validation.num_inference_steps
+    argv = [sys.executable, "-m", "finetune", "eval", str(run_dir), "--n", str(GENERATE_IMAGES), "--steps", str(steps),
+            "--clip", "builtin:tiny-clip", "--dino", "builtin:tiny-dinov2"]
+    print(f"  evaluating: finetune {shlex.join(argv[3:])}", flush=True)
+    child = check(run_child(argv, args.work / f"{family}-eval.log", ctx["deadline"]), "finetune eval")
+    metrics = json.loads((run_dir / "eval" / "eval.json").read_text(encoding="utf-8"))["metrics"]
+    if "dino" not in metrics:
+        raise Failure(f"finetune eval measured no dino (see {args.work / f'{family}-eval.log'})")
+    row.eval_s = child.seconds
+
+
 def run_family(family: str, args, cuda: bool) -> Row:
     fam = FAMILIES[family]
     row = Row(family, fam.recipe)
@@ -304,6 +320,7 @@ def run_family(family: str, args, cuda: bool) -> Row:
         row.base = base if args.tiny else Path(base).name
         run_dir = train(fam, family, base, ctx, row)
         generate(fam, family, base, run_dir, ctx, row)
+        evaluate(fam, family, run_dir, ctx, row)
     except Failure as e:
         row.status = str(e)
     except Exception as e:  # fail soft: anything else in this family is its row's reason, not the end of the run
@@ -337,13 +354,13 @@ def table(rows: list[Row], machine: dict, args) -> str:
                   "and the table's format. These are NOT real figures.", ""]
     lines += ["| family | recipe | model | resolution | settings | peak VRAM GiB | plan GiB | peak/plan | "
               "peak RAM GiB (run / plan) | peak RSS GiB (outside) | s/step | train s | generate s | black images | "
-              "build s | status |", "|" + " --- |" * 16]
+              "eval s | build s | status |", "|" + " --- |" * 17]
     for r in rows:
         cells = [r.family, r.recipe, r.base or "-", str(r.resolution or "-"), r.settings or "-",
                  *memory_cells(r.memory),
                  gib(r.rss) if r.rss else "-", f"{r.s_per_step:.3f}" if r.s_per_step else "-",
                  f"{r.train_s:.0f}" if r.train_s else "-", f"{r.generate_s:.0f}" if r.generate_s else "-",
-                 r.black or "-", f"{r.build_s:.0f}" if r.build_s else "cached" if not args.tiny else "-",
+                 r.black or "-", f"{r.eval_s:.0f}" if r.eval_s else "-", f"{r.build_s:.0f}" if r.build_s else "cached" if not args.tiny else "-",
                  r.status.replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "peak VRAM, plan and peak RAM (run / plan): the `memory` row of the run's metrics.jsonl "
@@ -352,7 +369,8 @@ def table(rows: list[Row], machine: dict, args) -> str:
               "Peak RSS (outside): "
               "the train process's high-water mark from the kernel (wait4), mapped weight files included. s/step: "
               f"median after the first {SKIP_STEPS} steps. generate s: {GENERATE_IMAGES} images at the recipe's "
-              f"sampling steps ({VALIDATION_STEPS} in a tiny run), model loading included."]
+              f"sampling steps ({VALIDATION_STEPS} in a tiny run), model loading included. eval s: `finetune eval` of the "
+              f"run, {GENERATE_IMAGES} images per prompt without and with the LoRA, the tiny metric models."]
     return "\n".join(lines) + "\n"
 
 

@@ -238,6 +238,44 @@ def generate(
         raise typer.Exit(3)  # outside the guard: an exit code is not an error
 
 
+@app.command("eval")
+def eval_(
+    target: str = typer.Argument(..., metavar="RUN_OR_ADAPTER",
+                                 help="A run folder, one of its checkpoint folders, or a LoRA .safetensors file."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model (default: the run's; a LoRA file needs it)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file (.txt, .csv, .jsonl); prompts with a "
+                                                                  "trigger word measure the subject, the others the "
+                                                                  "prior (default: the run's validation prompts)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Images of the subject or style to compare with "
+                                                                      "(default: the run's training images)."),
+    trigger: List[str] = typer.Option([], "--trigger", help="Trigger word (repeatable; default: the run's)."),
+    n: int = typer.Option(4, "--n", help="Images per prompt (1-1000); FD needs 50 per set, KID is used below that."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the first image (default: the run's validation seed)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default: the run's validation steps)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write (default: RUN/eval; replaced whole)."),
+    family: str = typer.Option("auto", "--family"),
+    clip: Optional[str] = typer.Option(None, "--clip", help="CLIP metric model (hub id, folder, builtin:tiny-clip)."),
+    dino: Optional[str] = typer.Option(None, "--dino", help="DINOv2 metric model (hub id, folder, builtin:tiny-dinov2)."),
+    inception: bool = typer.Option(False, "--inception", help="Also Inception FID/KID (needs torch-fidelity; its "
+                                                               "weights are a pickled .pth file)."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="[auto|cuda|cuda:N|mps|cpu]"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="[auto|fp16|bf16|fp32]"),
+):
+    """Measure an adapter: the same seeded prompts without and with it; prompt fidelity (CLIP score), subject
+    fidelity (CLIP-I, DINO), distance to the reference set (FD-DINOv2, KID), prior drift and diversity. Writes
+    eval.json, report.md and a base-vs-adapter grid per prompt; the model card links the report."""
+    with _guard(models=True):
+        from .eval.report import REPORT
+        from .eval.run import EvalOptions, evaluate
+
+        opts = EvalOptions(base=base, family=family, prompts=prompts, reference=reference, triggers=trigger, n=n,
+                           seed=seed, steps=steps, guidance=guidance, out=out, clip=clip, dino=dino,
+                           inception=inception, device=device, dtype=dtype)
+        folder = evaluate(target, opts, log=typer.echo)
+        typer.echo(f"report: {folder / REPORT}")
+
+
 def _hook_options(specs: list[str], off: bool) -> list[dict] | None:
     import yaml
 

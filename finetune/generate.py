@@ -28,7 +28,7 @@ def _lora_spec(spec: str) -> tuple[Path, float]:
     return p, weight
 
 
-def _check_options(n, seed, steps, guidance, width, height, out: Path) -> None:
+def check_options(n, seed, steps, guidance, width, height, out: Path) -> None:
     """The command line's numbers and folder, checked before any model loads."""
     for key, value in (("n", n), ("seed", seed), ("steps", steps), ("width", width), ("height", height)):
         if value is not None:
@@ -39,7 +39,7 @@ def _check_options(n, seed, steps, guidance, width, height, out: Path) -> None:
         raise FinetuneError(f"--out: {out} exists and is not a folder")
 
 
-def _first_seeds(rows, n: int, seed: int) -> list[int]:
+def first_seeds(rows, n: int, seed: int) -> list[int]:
     """Each row's first seed: its own, else `seed` counted on image by image; every image's seed
     (first + i) must stay within what a generator and the metadata's readers take."""
     firsts, k = [], 0
@@ -158,12 +158,12 @@ def generate(prompts, base, loras=(), n=1, seed=0, steps=25, guidance=7.5, negat
     from .devices import choose, describe
 
     out = Path(out)
-    _check_options(n, seed, steps, guidance, width, height, out)
+    check_options(n, seed, steps, guidance, width, height, out)
     choose(device, dtype)  # --device cuda on a machine without CUDA: one line, before anything loads
     rows = [PromptRow(p) for p in prompts] + (read_prompt_file(prompt_file) if prompt_file else [])
     if not rows:
         raise FinetuneError("give at least one --prompt or a --prompts file")
-    seeds = _first_seeds(rows, n, seed)
+    seeds = first_seeds(rows, n, seed)
     output_hooks = build_pipeline(hooks, log)  # before the model loads: a bad hook fails fast
     pipe, _, placement = load_pipeline(base, family, loras, device, dtype)
     pipe.set_progress_bar_config(disable=True)

@@ -1,6 +1,8 @@
 """The command line as a user drives it: a recipe file, a folder of PNGs with captions, a local
 diffusers model folder; errors one line each with a non-zero exit."""
 
+import json
+
 import numpy as np
 import pytest
 import yaml
@@ -119,6 +121,12 @@ def test_quickstart_recipe_runs_through_overrides_alone(tmp_path):
                "validation.num_inference_steps=2", "--no-progress")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "q" / "q.safetensors").is_file()
+    # The quickstart's eval runs offline on its own tiny CLIP and DINOv2 (validation.metric_models).
+    r = invoke("eval", tmp_path / "q", "--n", 1, "--steps", 2)
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "q" / "eval" / "eval.json").read_text())
+    assert {"clip_score", "clip_i", "dino", "kid_dinov2", "prior_clip_i", "prior_dino"} <= set(record["metrics"])
+    assert record["reference"]["count"] == 8 and "warning" not in r.output
 
 
 HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft")

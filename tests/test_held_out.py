@@ -14,7 +14,8 @@ import pytest
 from finetune.errors import FinetuneError, RecipeError
 from finetune.recipe import validate
 from finetune.train import train
-from finetune.train.held_out import held_out_keys, observe, split_examples
+from finetune.train.decisions import _upgrade, observe
+from finetune.train.held_out import held_out_keys, split_examples
 from finetune.train.trainer import Trainer
 
 from .helpers import make_image_folder, tiny_recipe
@@ -176,11 +177,31 @@ def test_patience_rule_on_a_constructed_series():
     assert (record["best"], record["best_step"]) == (0.5, 7)
 
 
+def test_a_record_saved_when_only_val_loss_decided_resumes_as_val_loss():
+    """A trainer state of a run saved before any other metric could keep a checkpoint: its record is val_loss's."""
+    record = {"best": 0.5, "best_step": 2, "reference": 0.5, "since": 1, "checkpoint": "step-000002"}
+    _upgrade(record)
+    assert record == {"metrics": {"val_loss": {"best": 0.5, "best_step": 2, "reference": 0.5, "since": 1}},
+                      "checkpoint": "step-000002", "kept_by": "val_loss"}
+
+
 @pytest.mark.parametrize("overrides, fragment", [
-    ({"output__keep_best": "val_loss"}, "output.keep_best: needs held-out images"),
-    ({"output__keep_best": "val_loss", "data__validation_split": 0.2}, "output.keep_best: needs held-out images"),
+    ({"output__keep_best": "val_loss"}, "output.keep_best: val_loss needs held-out images"),
+    ({"output__keep_best": "val_loss", "data__validation_split": 0.2}, "output.keep_best: val_loss needs held-out"),
     ({"training__early_stopping": {"patience": 2}, "validation__every_n_steps": 2},
-     "training.early_stopping: needs held-out images"),
+     "training.early_stopping.metric: val_loss needs held-out images"),
+    # A sample metric: listed in validation.metrics, with prompts to sample and validation steps.
+    ({"output__keep_best": "dino", "validation__every_n_steps": 2},
+     "output.keep_best: dino needs validation.metrics to include it"),
+    ({"output__keep_best": "clip_i", "validation__every_n_steps": 2, "validation__metrics": ["clip_i"]},
+     "output.keep_best: clip_i needs validation.metrics to include it, validation.prompts"),
+    ({"output__keep_best": "dino", "validation__metrics": ["dino"], "validation__prompts": ["a photo"]},
+     "output.keep_best: dino needs validation.metrics to include it, validation.prompts and validation.every_n_steps"),
+    ({"training__early_stopping": {"metric": "clip_score"}, "validation__every_n_steps": 2,
+      "validation__metrics": ["dino"], "validation__prompts": ["a photo"]},
+     "training.early_stopping.metric: clip_score needs validation.metrics to include it"),
+    ({"output__keep_best": "diversity", "validation__metrics": ["diversity"]}, "output.keep_best"),
+    ({"validation__metrics": ["fid"]}, "validation.metrics"),
     ({"data__validation_split": 0.6}, "data.validation_split: expected less than or equal to 0.5"),
     ({"data__validation_split": 0.2, "data__validation_path": "x"}, "data.validation_path: set it or"),
     ({"output__keep_best": "loss"}, "output.keep_best"),

@@ -129,15 +129,27 @@ def clip_score(model, processor, images, prompts) -> float:
     """Mean CLIP score of image i against prompt i: 100 * max(cos, 0) (CLIPScore, Hessel et al. 2021)."""
     images, prompts = list(images), list(prompts)
     _require_pairs(images, prompts)
-    cos = (clip_image_embeddings(model, processor, images) * clip_text_embeddings(model, processor, prompts)).sum(-1)
-    return float((100 * cos.clamp(min=0)).mean())
+    return clip_score_of(clip_image_embeddings(model, processor, images), clip_text_embeddings(model, processor, prompts))
+
+
+def clip_score_of(image_embeddings, text_embeddings) -> float:
+    """`clip_score` on unit embeddings already made: row i of each is a pair."""
+    return float((100 * paired_cosines(image_embeddings, text_embeddings).clamp(min=0)).mean())
+
+
+def paired_cosines(a, b):
+    """cos(a_i, b_i) for each row of two [n, d] sets of unit embeddings (prior drift: base image i and
+    adapted image i, made from the same prompt and noise)."""
+    if a.shape != b.shape:
+        raise ValueError(f"paired embeddings must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return (a * b).sum(-1)
 
 
 def clip_i(model, processor, images, references) -> float:
     """CLIP-I: mean cosine similarity of every image to every reference (DreamBooth's subject fidelity)."""
     _require_images(images, "images")
     _require_images(references, "reference images")
-    return _mean_cross_cosine(clip_image_embeddings(model, processor, images),
+    return mean_cross_cosine(clip_image_embeddings(model, processor, images),
                               clip_image_embeddings(model, processor, references))
 
 
@@ -145,10 +157,11 @@ def dino_similarity(model, processor, images, references) -> float:
     """DINO: mean cosine similarity of DINOv2 CLS embeddings of every image to every reference."""
     _require_images(images, "images")
     _require_images(references, "reference images")
-    return _mean_cross_cosine(dino_embeddings(model, processor, images), dino_embeddings(model, processor, references))
+    return mean_cross_cosine(dino_embeddings(model, processor, images), dino_embeddings(model, processor, references))
 
 
-def _mean_cross_cosine(a, b) -> float:
+def mean_cross_cosine(a, b) -> float:
+    """Mean cosine of every row of `a` with every row of `b` (unit embeddings): CLIP-I and DINO."""
     return float((a @ b.T).mean())
 
 

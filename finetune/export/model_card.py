@@ -75,7 +75,7 @@ def _memory_options(recipe) -> list[str]:
 
 def write_model_card(run_dir: Path, recipe, family, method, source, run_name: str, files: list[Path],
                      samples: list[Path], losses: list[float]) -> Path:
-    from ..train.held_out import card_rows
+    from ..train.decisions import card_rows
 
     t, m, d = recipe.training, recipe.method, recipe.data
     method_name = METHOD_NAMES.get(m.type, m.type)
@@ -134,7 +134,7 @@ def write_model_card(run_dir: Path, recipe, family, method, source, run_name: st
         f"| precision | {t.mixed_precision}; gradient checkpointing {'on' if t.gradient_checkpointing else 'off'} |",
         f"| seed | {t.seed} |",
         f"| final loss | {losses[-1]:.4f} |" if losses else "| final loss | - |",
-        *card_rows(run_dir),  # held-out val_loss and output.keep_best's checkpoint
+        *card_rows(run_dir),  # validation metrics (val_loss, validation.metrics) and output.keep_best's checkpoint
         *_memory_options(recipe),
         *_memory_row(run_dir),
         "",
@@ -149,3 +149,20 @@ def write_model_card(run_dir: Path, recipe, family, method, source, run_name: st
             lines.append(f"![{p.stem}]({p.relative_to(run_dir).as_posix()})")
         lines.append("")
     return write_text_atomically(run_dir / "README.md", "\n".join(lines))
+
+
+def set_card_section(run_dir: Path, key: str, lines: list[str]) -> Path | None:
+    """Put `lines` into the run's model card between `<!-- finetune:KEY -->` markers, replacing what
+    an earlier call put there, else at the end; no card, nothing to do (None)."""
+    card = Path(run_dir) / "README.md"
+    if not card.is_file():
+        return None
+    start, end = f"<!-- finetune:{key} -->", f"<!-- /finetune:{key} -->"
+    text = card.read_text(encoding="utf-8")
+    block = "\n".join([start, *lines, end])
+    if start in text and end in text.split(start, 1)[1]:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    return write_text_atomically(card, text)

@@ -83,12 +83,12 @@ def base_problem(base: str, allow_pickle: bool = False, offline_cache: bool = Tr
     """What is wrong with `model.base`, found without loading (or building) anything; None if nothing.
     `offline_cache`: with HF_HUB_OFFLINE set, a hub id must be in the local cache (checked when
     training; `finetune validate` may be checking a recipe meant for another machine)."""
-    from ..tiny_models import BUILTIN_MODELS, BUILTIN_PREFIX
+    from ..tiny_models import BUILTIN_FAMILIES, BUILTIN_PREFIX
 
-    if base.startswith(BUILTIN_PREFIX):
+    if base.startswith(BUILTIN_PREFIX):  # a diffusion model: the metric models are built-ins too, not bases
         name = base[len(BUILTIN_PREFIX):]
-        return None if name in BUILTIN_MODELS else \
-            f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}"
+        return None if name in BUILTIN_FAMILIES else \
+            f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_FAMILIES)}"
     p = Path(base).expanduser()
     if p.is_dir():
         return None if (p / "model_index.json").is_file() else \

@@ -144,10 +144,15 @@ class OptimizerConfig(Section):
         description="8-bit optimizers keep tensors smaller than this in 32-bit (bitsandbytes' default).")
 
 
+KEEP_BEST_METRICS = ("val_loss", "clip_score", "clip_i", "dino")
+
+
 class EarlyStoppingConfig(Section):
-    metric: Literal["val_loss"] = "val_loss"
+    metric: Literal[KEEP_BEST_METRICS] = Field("val_loss", description=(
+        "val_loss (held-out images), or one of validation.metrics: clip_score, clip_i, dino."))
     patience: int = Field(3, ge=1, le=MAX_STEPS, description="Validations without improvement before stopping.")
-    min_delta: float = Field(0.0, ge=0.0, le=1e6, description="What counts as an improvement: a decrease by more.")
+    min_delta: float = Field(0.0, ge=0.0, le=1e6, description=(
+        "What counts as an improvement: a change by more, in the metric's better direction."))
 
 
 class TrainingConfig(Section):
@@ -256,6 +261,24 @@ class PriorPreservationConfig(Section):
         return self
 
 
+# What `validation.metrics` may measure at each validation step (finetune/eval/measure.py); the eval-only
+# ones (prior drift, FD/FID/KID) need base images or many images and are `finetune eval`'s.
+TRAINING_METRICS = ("clip_score", "clip_i", "dino", "diversity")
+# Those a checkpoint can be kept or a run stopped by, and whether higher is better.
+HIGHER_IS_BETTER = {"val_loss": False, "clip_score": True, "clip_i": True, "dino": True}
+
+
+class MetricModelsConfig(Section):
+    """The models metrics are computed with: hub ids (downloaded once into the Hugging Face cache),
+    local folders, or builtin:tiny-clip / builtin:tiny-dinov2 (tests, the quickstart)."""
+
+    clip: str = Field("openai/clip-vit-large-patch14", description="CLIP for clip_score and clip_i.")
+    dino: str = Field("facebook/dinov2-large", description="DINOv2 for dino, diversity, FD-DINOv2 and KID.")
+    inception: bool = Field(False, description=(
+        "Also Inception FID/KID (needs torch-fidelity, whose Inception weights are a pickled .pth file: off "
+        "unless asked for; FD-DINOv2 is reported either way)."))
+
+
 class ValidationConfig(Section):
     prompts: list[str] = Field(default_factory=list, description="May use the trigger word.")
     negative_prompt: str | None = None
@@ -267,14 +290,19 @@ class ValidationConfig(Section):
     guidance_scale: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE)
     width: int | None = Field(None, ge=64, le=MAX_SIDE)
     height: int | None = Field(None, ge=64, le=MAX_SIDE)
+    metrics: list[Literal[TRAINING_METRICS]] = Field(default_factory=list, description=(
+        "Measured on each validation's samples and logged to metrics.jsonl: clip_score (image vs prompt), "
+        "clip_i and dino (similarity to the training images), diversity (mean pairwise DINO distance)."))
+    metric_models: MetricModelsConfig = Field(default_factory=MetricModelsConfig)
 
 
 class OutputConfig(Section):
     run_name: str | None = Field(None, description="Folder name under output.dir; default: recipe name + time.")
     dir: str = "outputs"
     save_every_n_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    keep_best: Literal["val_loss"] | None = Field(None, description=(
-        "Also keep the checkpoint with the lowest held-out val_loss (named in checkpoints/best.json), whatever "
+    keep_best: Literal[KEEP_BEST_METRICS] | None = Field(None, description=(
+        "Also keep the checkpoint with the best value of this metric (the lowest held-out val_loss, or the highest "
+        "clip_score, clip_i or dino of validation.metrics), named in checkpoints/best.json, whatever "
         "keep_last_checkpoints says; the final files stay the last step's."))
     keep_last_checkpoints: int | None = Field(
         None, ge=1, le=10_000,
@@ -332,10 +360,9 @@ class Recipe(Section):
         held = self.data.validation_split > 0 or self.data.validation_path
         if self.data.validation_split > 0 and self.data.validation_path:
             raise ValueError("data.validation_path: set it or data.validation_split, not both")
-        for key, on in (("output.keep_best", self.output.keep_best), ("training.early_stopping", tr.early_stopping)):
-            if on and not (held and self.validation.every_n_steps):
-                raise ValueError(f"{key}: needs held-out images (data.validation_split or data.validation_path) "
-                                 "and validation.every_n_steps, when the val_loss is measured")
+        for key, metric in (("output.keep_best", self.output.keep_best),
+                            ("training.early_stopping.metric", tr.early_stopping and tr.early_stopping.metric)):
+            self._check_measured(key, metric, held)
         if mem.fp8_base and mem.quantize_base != "none":
             raise ValueError(f"memory.fp8_base: cannot also quantize the base (memory.quantize_base="
                              f"{mem.quantize_base}); choose one")
@@ -349,3 +376,15 @@ class Recipe(Section):
             raise ValueError("memory.fp8_base: needs training.gradient_checkpointing: true; without it every "
                              "layer's upcast copy stays for the backward pass and the run takes more memory, not less")
         return self
+
+    def _check_measured(self, key: str, metric: str | None, held: bool) -> None:
+        """`key` decides by `metric`: it must be measured, at validation steps."""
+        v = self.validation
+        if metric is None:
+            return
+        if metric == "val_loss" and not (held and v.every_n_steps):
+            raise ValueError(f"{key}: val_loss needs held-out images (data.validation_split or "
+                             "data.validation_path) and validation.every_n_steps, when it is measured")
+        if metric != "val_loss" and not (metric in v.metrics and v.prompts and v.every_n_steps):
+            raise ValueError(f"{key}: {metric} needs validation.metrics to include it, validation.prompts and "
+                             "validation.every_n_steps, when it is measured")

@@ -1,9 +1,9 @@
 """Tiny, shape-faithful models built from configs, for tests and the quickstart: `builtin:<name>` in
-a recipe. Each family's builder lives in its own module (`sd15`, `sdxl`, `flux`) and is imported
-when first used; what they share (the byte-level CLIP tokenizer) is here.
+a recipe. Each family's builder lives in its own module (`sd15`, `sdxl`, `flux`, ...; the CLIP and
+DINOv2 metric models in `metric_models`) and is imported when first used; what they share (the byte-level CLIP tokenizer) is here.
 
 Built models are kept in the finetune cache (`$FINETUNE_CACHE/<name>`) and built again only when
-that folder has no model_index.json.
+that folder has no model_index.json (config.json for a metric model).
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ BUILTIN_MODELS = {TINY_SD15: _builder(".sd15", "build_tiny_sd15"),
                   "tiny-flux2": _builder(".flux2", "build_tiny_flux2"),
                   "tiny-flux2-klein": _builder(".flux2", "build_tiny_flux2_klein"),
                   "tiny-qwen-image": _builder(".qwen_image", "build_tiny_qwen_image"),
-                  "tiny-z-image": _builder(".z_image", "build_tiny_z_image")}
+                  "tiny-z-image": _builder(".z_image", "build_tiny_z_image"),
+                  # metric models (finetune eval, validation.metrics): a transformers folder, no model_index.json
+                  "tiny-clip": _builder(".metric_models", "build_tiny_clip"),
+                  "tiny-clip-tied": _builder(".metric_models", "build_tiny_clip_tied"),
+                  "tiny-dinov2": _builder(".metric_models", "build_tiny_dinov2")}
 
 # The family of each built-in model, known without building it (`finetune validate` checks the
 # family x method pair before anything is built).
@@ -51,7 +55,8 @@ def resolve_builtin(name: str) -> Path:
         from ..errors import FinetuneError
         raise FinetuneError(f"unknown built-in model {name!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
     folder = cache_dir() / name
-    if not (folder / "model_index.json").exists():
+    # Either file is written last of a folder that is renamed into place whole: it marks a finished build.
+    if not any((folder / marker).exists() for marker in ("model_index.json", "config.json")):
         BUILTIN_MODELS[name](folder)
     return folder
 

@@ -54,7 +54,7 @@ class TrainerState:
     method: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # data_fingerprint() of what this run trains on
     processes: int = 1  # the data order and RNG states are per process: a resume needs as many
-    held_out: dict = field(default_factory=dict)  # held_out.py's record: lowest val_loss, its checkpoint, patience
+    held_out: dict = field(default_factory=dict)  # decisions.Decisions' record: per metric best/patience, the kept checkpoint
 
 
 def register_param_hooks(accelerator, groups: list[dict]) -> None:

@@ -1,6 +1,5 @@
-"""Images kept out of training, and what is measured on them: a held-out validation loss at each
-validation step, the best checkpoint by it (`output.keep_best`) and early stopping
-(`training.early_stopping`).
+"""Images kept out of training and the held-out validation loss measured on them at each validation
+step (what it decides, keep_best and early stopping, is decisions.py's).
 
 - The split (`data.validation_split`) is a seeded permutation of the example keys: the same
   images are held out on every process and in a resumed run; they leave the examples before the
@@ -14,26 +13,20 @@ validation step, the best checkpoint by it (`output.keep_best`) and early stoppi
   noise and timesteps every validation: two values differ only by what the model learned. The
   main process measures, every process receives the value (every one must take the same
   keep_best and early-stopping decisions, which save checkpoints together).
-- keep_best: a validation with a lower value than every earlier one saves a checkpoint at that
-  step (`checkpoints/step-NNNNNN`, as any other) and names it in `checkpoints/best.json`; the
-  trainer state records it too, and `keep_last_checkpoints` never deletes it (checkpoint.py).
-  The final files in the run folder stay the last step's.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from ..errors import FinetuneError
+from .decisions import METRIC, write_row
 
 SPLIT_STREAM = 7  # seeded_rng stream of the split, apart from the dataset's and the loss's streams
 REPEATS = 4  # noise and timestep draws per held-out image: a steadier mean than one draw
-BEST = "best.json"
-METRIC = "val_loss"
 
 
 # ------------------------------------------------------------------ the split, before any model loads
@@ -113,60 +106,26 @@ def cache_held_out(run, accelerator) -> HeldOutCache | None:
     return HeldOutCache([e.key for e in ds.examples], latents, sizes, captions, text)
 
 
-# ------------------------------------------------------------------ measuring and deciding, during training
-
-
-def observe(record: dict, step: int, value: float, min_delta: float) -> bool:
-    """Add one validation to `record` (kept in the trainer state, so a resume goes on from it); True
-    when it is the lowest yet. Early stopping counts the validations since the last improvement by more
-    than `min_delta` over the value it last improved to (`since`)."""
-    lowest = "best" not in record or value < record["best"]
-    if lowest:
-        record.update(best=value, best_step=step)
-    if "reference" not in record or value < record["reference"] - min_delta:
-        record.update(reference=value, since=0)
-    else:
-        record["since"] += 1
-    return lowest
+# ------------------------------------------------------------------ measuring, during training
 
 
 class HeldOut:
-    """The trainer's held-out measurements: `validate(step)` at each validation step and at the end."""
+    """The held-out loss, measured by `measure(step)` at each validation step and at the end."""
 
     def __init__(self, trainer):
         self.t, self.cache = trainer, trainer.feed.held_out
-        self.measured_at: int | None = None
-        out, es = trainer.recipe.output, trainer.tr.early_stopping
-        self.keep_best, self.early = out.keep_best == METRIC, es if es and es.metric == METRIC else None
-        if trainer.run.resume_from is not None and trainer.accelerator.is_main_process:
-            self._sync_best_file()
 
-    @property
-    def record(self) -> dict:
-        return self.t.state.held_out
-
-    def validate(self, step: int, end: bool = False) -> bool:
-        """Measure (once per step), keep the best checkpoint; True when early stopping ends the run here."""
-        if self.cache is None or self.measured_at == step:
-            return False
+    def measure(self, step: int) -> dict[str, float]:
+        """{"val_loss": value} on every process (measured by the main one), logged and written; {} without
+        held-out images."""
+        if self.cache is None:
+            return {}
         from .distributed import on_main
 
-        t = self.t
-        self.measured_at = step
-        value = on_main(t.accelerator, self.loss)
-        lowest = observe(self.record, step, value, self.early.min_delta if self.early else 0.0)
-        self._write_row(step, value)
-        if self.keep_best and lowest:
-            self.record["checkpoint"] = f"step-{step:06d}"  # before saving: pruning spares what this names
-            saved = t.save_checkpoint()
-            if t.accelerator.is_main_process:
-                self._write_best_file(saved)
-        if end or not self.early or self.record["since"] < self.early.patience:
-            return False
-        t.log(f"early stopping at step {step}: {METRIC} has not improved by {self.early.min_delta} for "
-              f"{self.early.patience} validations (best {self.record['best']:.4f} at step {self.record['best_step']})")
-        t.save_checkpoint()
-        return True
+        value = on_main(self.t.accelerator, self.loss)
+        self.t.log(f"step {step}: {METRIC} {value:.4f} on {len(self.cache.keys)} held-out images")
+        write_row(self.t, step, {METRIC: value})
+        return {METRIC: value}
 
     def loss(self) -> float:
         """The mean fixed-noise loss over the held-out images, with the model as it is now."""
@@ -195,69 +154,8 @@ class HeldOut:
                 return fixed_noise_loss(family, t.c, latent, [caption], seed=_image_seed(tr.seed, i),
                                         repeats=REPEATS, cond=cond)
 
-    def _write_row(self, step: int, value: float) -> None:
-        from .run_dir import MetricsLog
-
-        best = f" (lowest {self.record['best']:.4f} at step {self.record['best_step']})" \
-            if self.record["best_step"] != step else " (lowest yet)"
-        self.t.log(f"step {step}: {METRIC} {value:.4f} on {len(self.cache.keys)} held-out images{best}")
-        if not self.t.accelerator.is_main_process:
-            return
-        # Its own row: the step's row (trainer._report) is written before validation. Through the loop's
-        # log while it is open (the trackers get it too); the end-of-run value after it closed, to the file.
-        if getattr(self.t, "metrics", None) is not None:
-            self.t.metrics.write(step=step, **{METRIC: value})
-            return
-        rows = MetricsLog(self.t.run.run_dir / "metrics.jsonl")
-        try:
-            rows.write(step=step, **{METRIC: value})
-        finally:
-            rows.close()
-
-    def _write_best_file(self, saved: Path) -> None:
-        from ..files import write_text_atomically
-
-        r = self.record
-        write_text_atomically(saved.parent / BEST, json.dumps(
-            {"metric": METRIC, "value": r["best"], "step": r["best_step"], "checkpoint": saved.name}, indent=1))
-
-    def _sync_best_file(self) -> None:
-        """After a resume, best.json says what the resumed state says (a later best of the run that was
-        interrupted is not this run's)."""
-        folder = self.t.run.run_dir / "checkpoints"
-        name = self.record.get("checkpoint")
-        if name and (folder / name).is_dir():
-            self._write_best_file(folder / name)
-            return
-        (folder / BEST).unlink(missing_ok=True)
-        if name:
-            self.t.log(f"warning: output.keep_best: {name}, the best checkpoint when this run was saved, is gone; "
-                       "the next best is kept from here")
-            self.record.pop("checkpoint")
-
 
 def _image_seed(seed: int, i: int) -> int:
     from ..data.buckets import seeded_rng
 
     return int(seeded_rng(seed, SPLIT_STREAM, i).integers(0, 2**63 - 1))
-
-
-# ------------------------------------------------------------------ the model card
-
-
-def card_rows(run_dir: Path) -> list[str]:
-    """Model-card table rows: the held-out loss at the end and its lowest, and the kept best checkpoint."""
-    from .run_dir import read_metrics
-
-    values = [(row["step"], row[METRIC]) for row in read_metrics(Path(run_dir) / "metrics.jsonl") if isinstance(row.get(METRIC), (int, float))]
-    if not values:
-        return []
-    (last_step, last), (low_step, low) = values[-1], min(values, key=lambda sv: sv[1])
-    rows = [f"| held-out loss ({METRIC}) | {last:.4f} at step {last_step}; lowest {low:.4f} at step {low_step} |"]
-    try:
-        best = json.loads((Path(run_dir) / "checkpoints" / BEST).read_text(encoding="utf-8"))
-        rows.append(f"| best checkpoint | `checkpoints/{best['checkpoint']}`: {METRIC} {best['value']:.4f} at step "
-                    f"{best['step']} (the files in this folder are step {last_step}'s) |")
-    except (OSError, ValueError, KeyError):
-        pass
-    return rows

@@ -1,5 +1,5 @@
 """The one training loop, as a Trainer: `prepare` (data, optimizer, accelerate), `fit` (epochs of
-`train_step`s, each ending in `end_step`: metrics, `validate`, `save_checkpoint`), `finish` (final
+`train_step`s, each ending in `end_step`: metrics, `validation`, `save_checkpoint`), `finish` (final
 files, samples, model card). It knows nothing of SD1 vs FLUX or LoRA vs DreamBooth: the family
 turns images and captions into model inputs and targets, the method decides what trains and what
 is saved. On several processes only the main one writes; what one process decides, all act on."""
@@ -14,9 +14,11 @@ import torch
 
 from . import checkpoint as ckpt
 from .distributed import any_process, per_process, summed
+from .decisions import Decisions
 from .held_out import HeldOut
 from .peak import watch_memory
 from .steps import NonFinite, Window
+from .validation_metrics import SampleMetrics
 
 
 @dataclass
@@ -97,7 +99,9 @@ class Trainer:
         self.batch_loss = self.feed.batch_loss(self.forward_c)
         if r.resume_from is not None:
             self.resume(r.resume_from)
-        self.held_out, self.last_saved = HeldOut(self), None  # after a resume: it reads the resumed state
+        self.held_out, self.sample_metrics, self.last_saved = HeldOut(self), SampleMetrics(self), None
+        self.decisions = Decisions(self)  # after a resume: it reads the resumed state
+        self.validated: tuple[int | None, list[Path]] = (None, [])  # the last validation's step and samples
 
     def _text_cached(self, precomputed: bool) -> None:
         """Once every caption is encoded: the validation prompts too, then the text encoders may go."""
@@ -223,11 +227,8 @@ class Trainer:
         st.method = self.method.state_dict()
         self._report(step_loss)
         last = st.step >= self.max_steps
-        if v_every and st.step % v_every == 0 and not last:
-            if self.held_out.validate(st.step):  # early stopping: this step is the last; finish() samples it
-                self.max_steps, last = st.step, True
-            else:
-                self.samples += self.validate(st.step)
+        if v_every and st.step % v_every == 0 and not last and self.validation(st.step):
+            self.max_steps, last = st.step, True  # early stopping: finish() does not validate this step again
         stop = totals[-1] > 0
         if (s_every and st.step % s_every == 0 or stop) and not last:
             saved = self.save_checkpoint()
@@ -246,6 +247,15 @@ class Trainer:
             row["skipped_batches"] = st.skipped_steps
         if self.metrics:
             self.metrics.write(step=st.step, epoch=st.epoch, loss=step_loss, lr=lr, **row)
+
+    def validation(self, step: int, end: bool = False) -> bool:
+        """Sample, measure the samples and the held-out images, then decide (keep_best, early stopping) on
+        what this step measured; True when early stopping ends the run here."""
+        written = self.validate(step)
+        self.samples += written
+        self.validated = (step, written)
+        values = {**self.sample_metrics.measure(step, written), **self.held_out.measure(step)}
+        return self.decisions.decide(step, values, end=end)
 
     def validate(self, step: int) -> list[Path]:
         """Sample the validation prompts with the model as it is now (main process; the others wait)."""
@@ -308,9 +318,9 @@ class Trainer:
 
         r, a, st = self.run, self.accelerator, self.state
         files = self.method.save(self.c, r.run_dir, self.recipe.output, r.run_name) if a.is_main_process else []
-        final_samples = self.validate(st.step)
-        self.samples += final_samples
-        self.held_out.validate(st.step, end=True)  # before the card, which names the best checkpoint
+        if self.validated[0] != st.step:  # early stopping validated this step already
+            self.validation(st.step, end=True)  # before the card, which names the best checkpoint
+        final_samples = self.validated[1]
         self.peaks.report(r)
         if a.is_main_process:
             write_plots(r.run_dir, self.log)  # best effort: a warning line, never a failed run
