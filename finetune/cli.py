@@ -378,6 +378,27 @@ def _dataset_settings(path: str, recipe: str | None, resolution: int | None, bas
         raise FinetuneError(f"--resolution: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
+@app.command()
+def ui(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; any but localhost needs the access token."),
+    port: int = typer.Option(7860, "--port", min=1, max=65535),
+    root: List[Path] = typer.Option([], "--root", help="A folder the UI may read and write (repeatable; default: "
+                                                        "the current folder). Every path it touches is confined to these."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="FINETUNE_UI_TOKEN",
+                                        help="Access token (default on a non-local host: generated and printed once)."),
+):
+    """A local web app: check a dataset, train, watch runs, compare and generate. Runs are `finetune train`
+    processes: closing the UI never stops one, and the UI shows runs started from the command line too."""
+    with _guard(models=True):
+        import importlib.util
+
+        if importlib.util.find_spec("gradio") is None:
+            raise FinetuneError('finetune ui needs Gradio: pip install -e ".[ui]"')
+        from .ui.app import serve
+
+        serve(host, port, [str(r) for r in root] or [os.getcwd()], token, log=typer.echo)
+
+
 @app.command("tiny-model")
 def tiny_model(folder: Path = typer.Argument(..., help="Where to write the tiny SD1.5 diffusers folder.")):
     """Build the tiny, shape-faithful SD1.5 used by the tests and the quickstart."""
