@@ -126,8 +126,13 @@ def train(
             argv = ["train", recipe, *(a for o in overrides for a in ("--set", o)), *(["--no-progress"] * no_progress),
                     *(["--resume", resume] if resume else []), *(["--allow-changed-data"] * allow_changed_data)]
             raise typer.Exit(launch(processes, argv))
-        result = run_training(r, path, log=typer.echo, progress=not no_progress, resume=resume,
-                              allow_changed_data=allow_changed_data)
+        from .train.distributed import leave_process_group
+
+        try:
+            result = run_training(r, path, log=typer.echo, progress=not no_progress, resume=resume,
+                                  allow_changed_data=allow_changed_data)
+        finally:
+            leave_process_group()
         if not _is_main_process():
             raise typer.Exit(143 if result.interrupted else 0)
         typer.echo(f"run folder: {result.run_dir}")

@@ -38,6 +38,20 @@ def process_state():
     return PartialState(cpu=cpu, timeout=timedelta(minutes=COLLECTIVE_TIMEOUT_MINUTES))
 
 
+def leave_process_group() -> None:
+    """Take this process out of the process group before it exits, on success or error: left to
+    interpreter shutdown, gloo's threads can find their peer gone first and abort the process
+    ("terminate called without an active exception"), which the launcher then reports as a crash."""
+    import sys
+
+    if launched_processes() == 1 or "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def on_main(state, job: Callable[[], T]) -> T:
     """`job()` on the main process; every process returns its result, or raises its error (the
     others quietly: the main process reports it)."""
