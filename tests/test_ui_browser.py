@@ -153,6 +153,14 @@ def test_dataset_check_shows_the_findings(server, browser, shots):
     assert "broken.png" in summary and "uncaptioned.png" in summary
     assert "4 usable" in summary
     browser.save_screenshot(str(shots / "datasets.png"))
+    # Upload into a new folder: the image is added, the file that only claims to be one is skipped.
+    fill(browser, "dataset-folder", str(root / "datasets" / "fresh"))
+    css(browser, "#dataset-uploads input[type=file]").send_keys(f"{root / 'datasets' / 'messy' / 'img0.png'}\n"
+                                                               f"{root / 'datasets' / 'messy' / 'broken.png'}")
+    css(browser, "#dataset-add").click()
+    added = wait_for(browser, "dataset-added", "skipped broken.png")
+    assert "added img0.png" in added
+    assert sorted(p.name for p in (root / "datasets" / "fresh").iterdir()) == ["img0.png"]
 
 
 def test_train_watch_stop_resume_then_generate_and_find_the_watermark(server, browser, shots):
@@ -166,6 +174,11 @@ def test_train_watch_stop_resume_then_generate_and_find_the_watermark(server, br
     overrides = [f"data.path={root / 'datasets' / 'robot'}", f"output.dir={root / 'outputs'}", "output.run_name=ui-run",
                  "training.max_steps=40", "validation.every_n_steps=5", "output.save_every_n_steps=5",
                  "validation.num_inference_steps=2", 'validation.prompts=["a photo of sks robot"]']
+    fill(browser, "field-training-batch_size", "0")
+    css(browser, "#train-validate").click()
+    wait_for(browser, "train-report", "training.batch_size: expected greater than or equal to 1")
+    assert "⚠ expected greater than or equal to 1" in wait_for(browser, "field-training-batch_size", "⚠")
+    fill(browser, "field-training-batch_size", "2")
     fill(browser, "train-extra", "\n".join(overrides))
     css(browser, "#train-start").click()
     wait_for(browser, "train-report", "ui-run")

@@ -28,6 +28,14 @@ def test_the_form_turns_changed_fields_into_overrides_the_cli_accepts():
     ov = form.overrides(recipe, fields, changed)
     assert ov == ["training.max_steps=20", "training.lr_scheduler=\"linear\"",
                   'validation.prompts=["a photo of sks robot", "sks robot in snow"]']
+    from finetune.errors import RecipeError
+    from finetune.ui.pages import _field_problem
+
+    with pytest.raises(RecipeError) as refused:
+        load_recipe("quickstart", [*ov, "training.batch_size=0"])
+    by_field = {f.key: _field_problem(f, refused.value.problems) for f in fields}
+    assert by_field["training.batch_size"] == "⚠ expected greater than or equal to 1 (got 0)"
+    assert sum(v is not None for v in by_field.values()) == 1  # shown under its own field only
     again, _ = load_recipe("quickstart", ov)
     assert (again.training.max_steps, again.training.lr_scheduler) == (20, "linear")
     assert again.validation.prompts == ["a photo of sks robot", "sks robot in snow"]
@@ -93,3 +101,28 @@ def test_the_app_answers_only_with_its_token(tmp_path):
         assert client.get("/").status_code == 200  # the cookie it set
     with TestClient(build_app(ctx, None)) as client:
         assert client.get("/").status_code == 200  # localhost without a token
+
+
+def test_uploads_are_checked_like_training_data_and_never_replace(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    incoming = root / "incoming"  # where Gradio keeps its copies: inside the first root (app.serve)
+    incoming.mkdir(parents=True)
+    draw_subject(1, (64, 64)).save(incoming / "dog.png")
+    draw_subject(2, (64, 64)).save(incoming / "big.png")
+    (incoming / "fake.png").write_bytes(b"<html>not an image</html>")
+    (incoming / "notes.txt").write_text("hello")
+    roots = Roots([root])
+    monkeypatch.setattr(datasets, "MAX_UPLOAD_BYTES", (incoming / "big.png").stat().st_size - 1)
+    (incoming / "dog.png").replace(incoming / "a.png")
+    folder, lines = datasets.save_uploads(roots, "photos/new", [str(incoming / n) for n in ("a.png", "fake.png", "notes.txt")])
+    assert folder == root / "photos" / "new" and sorted(p.name for p in folder.iterdir()) == ["a.png"]
+    assert lines[0] == "added a.png" and lines[1].startswith("skipped fake.png: cannot read image")
+    assert lines[2].startswith("skipped notes.txt: not an image file")
+    _, again = datasets.save_uploads(roots, "photos/new", [str(incoming / "a.png"), str(incoming / "big.png")])
+    assert again[0] == "added a-2.png" and again[1].startswith("skipped big.png: larger than")
+    outside = tmp_path / "elsewhere.png"
+    draw_subject(3, (64, 64)).save(outside)
+    with pytest.raises(FinetuneError):
+        datasets.save_uploads(roots, "photos/new", [str(outside)])
+    with pytest.raises(FinetuneError):
+        datasets.save_uploads(roots, "../escape", [str(incoming / "a.png")])

@@ -17,6 +17,7 @@ from .roots import Roots
 
 STATE = ".finetune-ui"  # in the first root: job files, logs, uploads, generated images
 REFRESH_S = 2.0
+MAX_UPLOAD = "50mb"  # Gradio refuses a larger upload before it is written (datasets.MAX_UPLOAD_BYTES: the same)
 
 
 @dataclass
@@ -92,7 +93,7 @@ def build_app(ctx: Context, token: str | None):
 
     api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app = gr.mount_gradio_app(api, build_blocks(ctx), path="", allowed_paths=[str(f) for f in ctx.roots.folders],
-                              ssr_mode=False, footer_links=[], show_error=True)
+                              ssr_mode=False, footer_links=[], show_error=True, max_file_size=MAX_UPLOAD)
     return TokenMiddleware(app, token)
 
 

@@ -88,3 +88,53 @@ def save_caption(roots: Roots, folder: str, image: str, caption: str) -> Path:
     path = roots.confine(Path(roots.confine(folder)) / image)
     target = roots.confine(path.with_suffix(".txt"), must_exist=False)
     return write_text_atomically(target, caption.strip() + "\n")
+
+
+MAX_UPLOAD_BYTES = 50 * 2**20  # per file; Gradio refuses larger requests before this (app.py)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def save_uploads(roots: Roots, folder: str, uploads: list) -> tuple[Path, list[str]]:
+    """Copy uploaded images into `folder` (made inside a root if new), each checked as training data
+    is: an image suffix, at most MAX_UPLOAD_BYTES, and decoding whole within data.max_pixels. A file
+    that fails is skipped with its reason; a name taken in the folder gets a number, never replaced.
+    Returns the folder and one line per file."""
+    import shutil
+
+    from ..data.images import load_image
+
+    target = roots.confine(folder, must_exist=False)
+    target.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for upload in uploads or []:
+        source = roots.confine(getattr(upload, "name", upload))  # Gradio's copy: inside the first root
+        name = Path(getattr(upload, "orig_name", None) or source.name).name
+        why = _unfit(source, name)
+        if why is None:
+            try:
+                load_image(source, name=name)
+            except FinetuneError as e:
+                why = str(e)
+        if why:
+            lines.append(f"skipped {name}: {why}")
+            continue
+        dest = _free_name(target, name)
+        shutil.copyfile(source, dest)
+        lines.append(f"added {dest.name}")
+    return target, lines
+
+
+def _unfit(source: Path, name: str) -> str | None:
+    if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+        return f"not an image file ({', '.join(IMAGE_SUFFIXES)})"
+    if source.stat().st_size > MAX_UPLOAD_BYTES:
+        return f"larger than {MAX_UPLOAD_BYTES // 2**20} MB"
+    return None
+
+
+def _free_name(folder: Path, name: str) -> Path:
+    stem, suffix, k = Path(name).stem, Path(name).suffix, 2
+    dest = folder / name
+    while dest.exists():
+        dest, k = folder / f"{stem}-{k}{suffix}", k + 1
+    return dest

@@ -26,6 +26,12 @@ def datasets_page(ctx: Context) -> None:
                             interactive=False)
     thumbs = gr.Gallery(label="Images with findings", columns=8, height=220, elem_id="dataset-thumbs")
     buckets = gr.Dataframe(headers=["bucket", "images"], label="Bucket histogram", interactive=False)
+    gr.Markdown("### Upload\nImages into the folder above (a new one is made inside the root), each checked as "
+                "training data is; a name already there gets a number, never replaced.")
+    with gr.Row():
+        uploads = gr.File(label="Images", file_count="multiple", file_types=["image"], elem_id="dataset-uploads")
+        add = gr.Button("Add to the folder above, then check it", elem_id="dataset-add")
+        added = gr.Textbox(label="Uploaded", lines=3, interactive=False, elem_id="dataset-added")
     gr.Markdown("### Captions\nEdit a caption and press Enter in the table: its `.txt` file is written at once.")
     captions = gr.Dataframe(headers=["image", "caption"], label="Captions", interactive=True,
                             elem_id="dataset-captions", column_count=(2, "fixed"))
@@ -47,7 +53,13 @@ def datasets_page(ctx: Context) -> None:
             datasets.save_caption(ctx.roots, path, name, text or "")
         return f"saved {len(changed)} caption(s)" if changed else "no caption changed"
 
+    @shown
+    def upload(path, files, size):
+        target, lines = datasets.save_uploads(ctx.roots, path, files)
+        return ("\n".join(lines), *run_check(str(target), size))
+
     check.click(run_check, [folder, resolution], [summary, findings, thumbs, buckets, captions])
+    add.click(upload, [folder, uploads, resolution], [added, summary, findings, thumbs, buckets, captions])
     captions.input(save, [folder, captions], saved)
 
 
@@ -106,21 +118,32 @@ def train_page(ctx: Context) -> None:
 
     load.click(fill, recipe, components)
     recipe.change(fill, recipe, components)
-    validate.click(_problems(check), [recipe, extra, *components], report)
-    plan.click(_problems(estimate), [recipe, extra, *components], report)
-    start.click(_problems(begin), [recipe, extra, *components], report)
+    for button, handler in ((validate, check), (plan, estimate), (start, begin)):
+        button.click(_problems(handler, fields), [recipe, extra, *components], [report, *components])
 
 
-def _problems(handler):
-    """A recipe's problems are several lines, each naming its key: shown whole in the result box."""
+def _problems(handler, fields):
+    """The result box and each field's help line: a recipe's problems are several lines, each naming
+    its key, and each is shown in the box and under its field too (the field's help otherwise)."""
+    import gradio as gr
+
     from ..errors import RecipeError
 
     def run(*args):
         try:
-            return handler(*args)
+            result, problems = handler(*args), []
         except RecipeError as e:
-            return "\n".join(e.problems)
+            result, problems = "\n".join(e.problems), e.problems
+        return (result, *[gr.update(info=_field_problem(f, problems) or f.help[:300] or None) for f in fields])
     return shown(run)
+
+
+def _field_problem(f, problems: list[str]) -> str | None:
+    for line in problems:
+        head, sep, why = line.partition(f" {f.key}: ")
+        if sep:
+            return f"⚠ {why}"
+    return None
 
 
 def _component(f, value):
