@@ -211,6 +211,15 @@ def test_train_watch_stop_resume_then_generate_and_find_the_watermark(server, br
     assert "found, payload" in wait_for(browser, "wm-verdict", "found")
     browser.save_screenshot(str(shots / "generate.png"))
 
+    tab(browser, "Compare")
+    fill(browser, "cmp-runs", f"{run}\n{sorted((run / 'checkpoints').glob('step-*'))[0]}")
+    fill(browser, "cmp-prompts", "a photo of sks robot")
+    css(browser, "#cmp-go").click()
+    css(browser, "#cmp-grid img", timeout=120)
+    assert (root / "outputs" / ".finetune-ui" / "compare").is_dir()
+    browser.save_screenshot(str(shots / "compare.png"))
+
+    tab(browser, "Generate")
     fill(browser, "gen-block", "forbidden")
     fill(browser, "gen-prompt", "a forbidden robot")
     css(browser, "#gen-go").click()

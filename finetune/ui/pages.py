@@ -233,6 +233,8 @@ def runs_page(ctx: Context) -> None:
                 (f"; best checkpoint {r.best.get('checkpoint')} ({r.best.get('metric')})" if r.best else "") +
                 ("; evaluated: `eval/report.md`" if r.eval_report else ""))
         card = r.card.read_text(encoding="utf-8") if r.card else ""
+        if r.eval_report:  # `finetune eval`'s numbers above the card
+            card = r.eval_report.read_text(encoding="utf-8") + "\n\n---\n\n" + card
         return (text, pd.DataFrame(r.losses, columns=["step", "loss"]), pd.DataFrame(r.lrs, columns=["step", "lr"]),
                 [str(p) for p in r.samples], [str(p) for p in r.files] or None,
                 ctx.jobs.log_tail(path) if job else "", card)
