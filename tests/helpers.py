@@ -288,3 +288,18 @@ def bfl_double_block_targets(n: int, h: int, mlp_in: str, mlp_out: str) -> dict[
                           (f"ff_context.{mlp_in}", "txt_mlp.0"), (f"ff_context.{mlp_out}", "txt_mlp.2")]:
             table[d + ours] = (b + bfl, 0, None)
     return table
+
+
+def patience_rule(rows, patience: int, min_delta: float, higher: bool = False):
+    """The step at which `patience` validations in a row have not improved on the reference by more than
+    min_delta in the better direction (the reference moving to each value that did), or None: early
+    stopping's rule written out plainly, to check the trainer's against."""
+    sign, reference, since = (1 if higher else -1), None, 0
+    for step, value in rows:
+        if reference is None or sign * (value - reference) > min_delta:
+            reference, since = value, 0
+        else:
+            since += 1
+            if since >= patience:
+                return step
+    return None

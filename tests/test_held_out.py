@@ -18,7 +18,7 @@ from finetune.train.decisions import _upgrade, observe
 from finetune.train.held_out import held_out_keys, split_examples
 from finetune.train.trainer import Trainer
 
-from .helpers import make_image_folder, tiny_recipe
+from .helpers import make_image_folder, patience_rule, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N_IMAGES, SPLIT, EVERY, STEPS = 8, 0.25, 2, 6
@@ -143,27 +143,13 @@ def test_val_loss_needs_no_text_encoder_once_cached_and_early_stopping(default_r
     expected = dict(_val_rows(reference.run_dir))
     # Bitwise equal on a CPU with one thread; a GPU may differ in the last bits between any two runs.
     assert rows and [v for _, v in rows] == pytest.approx([expected[s] for s, _ in rows], rel=1e-6)
-    stop = _patience_rule(rows, patience, min_delta)
+    stop = patience_rule(rows, patience, min_delta)
     assert stop is not None and result.steps == stop == rows[-1][0] < STEPS
     best_step, best = min(rows, key=lambda sv: sv[1])
     assert (f"early stopping at step {stop}: val_loss has not improved by {min_delta} for {patience} validations "
             f"(best {best:.4f} at step {best_step})") in logs
     assert (result.run_dir / "checkpoints" / f"step-{stop:06d}").is_dir()
     assert (result.run_dir / "pytorch_lora_weights.safetensors").is_file() and (result.run_dir / "README.md").is_file()
-
-
-def _patience_rule(rows, patience: int, min_delta: float):
-    """The step at which `patience` validations in a row have not improved on the reference by more than
-    min_delta (the reference moving to each value that did), or None."""
-    reference, since = None, 0
-    for step, value in rows:
-        if reference is None or value < reference - min_delta:
-            reference, since = value, 0
-        else:
-            since += 1
-            if since >= patience:
-                return step
-    return None
 
 
 def test_patience_rule_on_a_constructed_series():
@@ -173,7 +159,7 @@ def test_patience_rule_on_a_constructed_series():
         observe(record, step, value, min_delta=0.05)
         if record["since"] >= 2 and stopped is None:
             stopped = step
-    assert stopped == _patience_rule(series, 2, 0.05) == 6
+    assert stopped == patience_rule(series, 2, 0.05) == 6
     assert (record["best"], record["best_step"]) == (0.5, 7)
 
 

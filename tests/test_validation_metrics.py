@@ -14,7 +14,7 @@ from finetune.recipe import validate
 from finetune.train import train
 from finetune.train.decisions import observe
 
-from .helpers import make_image_folder, tiny_recipe
+from .helpers import make_image_folder, patience_rule, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPTS = ["a photo of sks ball", "sks ball on the grass"]
@@ -83,7 +83,7 @@ def test_keep_best_keeps_the_checkpoint_of_the_highest_logged_dino(dino_run):
 def test_early_stopping_on_dino_stops_where_the_patience_rule_says(dino_run):
     result, logs = dino_run
     rows = _rows(result.run_dir, "dino")
-    stop = _patience_rule(rows, PATIENCE, MIN_DELTA, higher=True)
+    stop = patience_rule(rows, PATIENCE, MIN_DELTA, higher=True)
     assert stop is not None and result.steps == stop == rows[-1][0] < STEPS
     best_step, best = max(rows, key=lambda sv: sv[1])
     assert (f"early stopping at step {stop}: dino has not improved by {MIN_DELTA} for {PATIENCE} validations "
@@ -94,20 +94,6 @@ def test_early_stopping_on_dino_stops_where_the_patience_rule_says(dino_run):
     assert (result.run_dir / "pytorch_lora_weights.safetensors").is_file()
 
 
-def _patience_rule(rows, patience: int, min_delta: float, higher: bool):
-    """The step at which `patience` validations in a row have not improved on the reference by more than
-    min_delta in the better direction (the reference moving to each value that did), or None."""
-    sign, reference, since = (1 if higher else -1), None, 0
-    for step, value in rows:
-        if reference is None or sign * (value - reference) > min_delta:
-            reference, since = value, 0
-        else:
-            since += 1
-            if since >= patience:
-                return step
-    return None
-
-
 def test_patience_rule_on_a_constructed_rising_series():
     series = [(1, 0.5), (2, 0.6), (3, 0.62), (4, 0.7), (5, 0.71), (6, 0.705), (7, 0.9)]
     record, stopped = {}, None
@@ -115,7 +101,7 @@ def test_patience_rule_on_a_constructed_rising_series():
         observe(record, step, value, min_delta=0.05, higher=True)
         if record["since"] >= 2 and stopped is None:
             stopped = step
-    assert stopped == _patience_rule(series, 2, 0.05, higher=True) == 6
+    assert stopped == patience_rule(series, 2, 0.05, higher=True) == 6
     assert (record["best"], record["best_step"]) == (0.9, 7)
 
 
