@@ -1,10 +1,15 @@
 """Draw the sample image sets in this folder with PIL; the same output on every run.
 
-    python datasets/make_sample_sets.py            # writes datasets/robot/
+    python datasets/make_sample_sets.py            # writes datasets/robot/ and datasets/product/
+    python datasets/make_sample_sets.py OUT        # writes OUT/robot/ and OUT/product/
 
-The subject is a small toy robot (boxy head with an antenna, round eyes, a body with a chest
-light, arms and legs) drawn from rectangles and circles, in varied colours, poses, sizes and
-backgrounds, so a LoRA has something consistent to learn in a few steps at 64 px.
+robot/: a small toy robot (boxy head with an antenna, round eyes, a body with a chest light, arms
+and legs) drawn from rectangles and circles, in varied colours, poses, sizes and backgrounds, so a
+LoRA has something consistent to learn in a few steps at 64 px.
+
+product/: one product (a bottle with a cap and a label) on busy backgrounds, images in
+product/images/ and, under the same names, its masks in product/masks/ (white: the bottle, black:
+the background), drawn from the same shapes: the set for `data.masks` (recipes/sd15-product-masked.yaml).
 """
 
 from __future__ import annotations
@@ -102,7 +107,56 @@ def make_robot(out: Path) -> None:
         (out / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
 
 
+# (file stem, width, height, background, horizontal offset in eighths of the width, size in tenths of
+# the height, caption)
+PRODUCT_SHOTS = [
+    ("bottle_01", 64, 96, "room", 0, 8, "a photo of sks bottle on a wooden floor"),
+    ("bottle_02", 96, 64, "beach", -2, 8, "sks bottle on a beach"),
+    ("bottle_03", 80, 80, "sky", 1, 7, "a photo of sks bottle in a field"),
+    ("bottle_04", 96, 96, "night", -1, 6, "sks bottle at night under the stars"),
+    ("bottle_05", 128, 96, "studio", 2, 8, "a photo of sks bottle, plain grey background"),
+    ("bottle_06", 72, 96, "beach", 0, 9, "sks bottle standing by the sea"),
+]
+BOTTLE, CAP, LABEL = (40, 130, 70), (200, 40, 40), (245, 235, 200)
+
+
+def _bottle(draw: ImageDraw.ImageDraw, cx: int, ground: int, size: int, mask: bool = False) -> None:
+    """A bottle whose base stands on `ground`, centred on `cx`, `size` pixels tall; `mask`: every part
+    white, for the mask drawn from the same shapes."""
+    u = size / 20
+
+    def fill(colour):
+        return 255 if mask else colour
+
+    draw.rounded_rectangle([cx - 4 * u, ground - 13 * u, cx + 4 * u, ground], radius=2 * u, fill=fill(BOTTLE))
+    draw.polygon([(cx - 4 * u, ground - 12 * u), (cx - 1.5 * u, ground - 16 * u), (cx + 1.5 * u, ground - 16 * u),
+                  (cx + 4 * u, ground - 12 * u)], fill=fill(BOTTLE))
+    draw.rectangle([cx - 1.5 * u, ground - 18 * u, cx + 1.5 * u, ground - 16 * u], fill=fill(BOTTLE))
+    draw.rectangle([cx - 1.8 * u, ground - 20 * u, cx + 1.8 * u, ground - 18 * u], fill=fill(CAP))
+    if not mask:  # the label lies inside the bottle's outline: the mask is white there anyway
+        draw.rectangle([cx - 4 * u, ground - 9 * u, cx + 4 * u, ground - 4 * u], fill=LABEL)
+        draw.ellipse([cx - 1.5 * u, ground - 8 * u, cx + 1.5 * u, ground - 5 * u], fill=CAP)
+
+
+def make_product(out: Path) -> None:
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    for i, (stem, w, h, bg, offset, tenths, caption) in enumerate(PRODUCT_SHOTS):
+        rng = random.Random(100 + i)
+        img = Image.new("RGB", (w, h))
+        _background(ImageDraw.Draw(img), w, h, bg, rng)
+        mask = Image.new("L", (w, h), 0)
+        cx, ground, size = w // 2 + offset * w // 8, h - max(2, h // 12), h * tenths // 10
+        _bottle(ImageDraw.Draw(img), cx, ground, size)
+        _bottle(ImageDraw.Draw(mask), cx, ground, size, mask=True)
+        img.save(out / "images" / f"{stem}.png", optimize=True)
+        mask.save(out / "masks" / f"{stem}.png", optimize=True)
+        (out / "images" / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
+
+
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "robot"
-    make_robot(target)
-    print(f"wrote {len(ROBOT_SHOTS)} images to {target}")
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE
+    make_robot(folder / "robot")
+    make_product(folder / "product")
+    print(f"wrote {len(ROBOT_SHOTS)} images to {folder / 'robot'}, {len(PRODUCT_SHOTS)} images and masks to "
+          f"{folder / 'product'}")

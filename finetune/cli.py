@@ -351,9 +351,9 @@ def dataset_check(
     with _guard():
         from .data.check import check_dataset, load_tokenizer
 
-        data, model = _dataset_settings(path, recipe, resolution, base)
+        data, model, recipe_dir = _dataset_settings(path, recipe, resolution, base)
         tokenizer, why_not = load_tokenizer(model.base if model else base, model.config if model else None)
-        report = check_dataset(data, tokenizer=tokenizer)
+        report = check_dataset(data, recipe_dir, tokenizer=tokenizer)
         if why_not:
             report.notes.append(f"caption length not checked: {why_not}")
         for line in report.summary():
@@ -375,10 +375,10 @@ def _dataset_settings(path: str, recipe: str | None, resolution: int | None, bas
         overrides = [f"data.path={json.dumps(path)}"]  # JSON: any path reads back as a YAML string
         overrides += [f"data.resolution={resolution}"] if resolution else []
         overrides += [f"model.base={json.dumps(base)}"] if base else []
-        r, _ = load_recipe(recipe, overrides)
-        return r.data, r.model
+        r, recipe_file = load_recipe(recipe, overrides)
+        return r.data, r.model, recipe_file.parent  # relative data.masks are found beside the recipe
     try:
-        return DataConfig(path=path, **({"resolution": resolution} if resolution else {})), None
+        return DataConfig(path=path, **({"resolution": resolution} if resolution else {})), None, None
     except ValidationError as e:
         raise FinetuneError(f"--resolution: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 

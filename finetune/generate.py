@@ -110,10 +110,14 @@ def _load_lora(pipe, path: Path, name: str, base: str) -> None:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if path.is_dir():
-                pipe.load_lora_weights(str(path), adapter_name=name)
+            folder, weight_name = (path, None) if path.is_dir() else (path.parent, path.name)
+            if component := _lokr_component(pipe, folder / (weight_name or "pytorch_lora_weights.safetensors")):
+                # diffusers' pipelines read LoRA keys only; its models read a peft LoKr file too.
+                getattr(pipe, component).load_lora_adapter(str(folder), weight_name=weight_name or
+                                                           "pytorch_lora_weights.safetensors", prefix=component,
+                                                           adapter_name=name)
             else:
-                pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+                pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except (ValueError, OSError, KeyError, AssertionError) as e:  # diffusers' converters assert on odd shapes
@@ -128,6 +132,23 @@ def _load_lora(pipe, path: Path, name: str, base: str) -> None:
                             "or size") from e
     finally:
         logger.setLevel(level)
+
+
+def _lokr_component(pipe, file: Path) -> str | None:
+    """The denoiser's name when `file` is a peft LoKr file in diffusers' layout (`unet.<module>.lokr_w1`)."""
+    from safetensors import safe_open
+
+    if not file.is_file():
+        return None
+    try:
+        with safe_open(str(file), "pt") as f:
+            keys = list(f.keys())
+    except Exception:  # not safetensors: load_lora_weights says what it is
+        return None
+    for component in ("unet", "transformer"):
+        if hasattr(pipe, component) and any(k.startswith(component + ".") and ".lokr_" in k for k in keys):
+            return component
+    return None
 
 
 def adapter_records(loras) -> list[dict]:

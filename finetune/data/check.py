@@ -35,6 +35,8 @@ trains, with a warning:
   tokenizer is at hand: `finetune dataset check` with a base model; training warns separately)
 - same_stem: x.png and x.jpg both read x.txt and train with that caption (caches are keyed on the
   whole file name, so those do not collide)
+- missing_mask, mask_size, empty_mask (with data.masks): no mask file for the image (or no alpha
+  channel), a mask of another size, or one without a white pixel; the image trains unmasked
 
 Training refuses to start only when nothing usable is left.
 """
@@ -98,6 +100,11 @@ CATEGORIES = {c.key: c for c in (  # the report's order: what is skipped first
              "captions over the text encoder's token limit", False, "the end is cut"),
     Category("same_stem", "image sharing its name (and caption file) with another",
              "images sharing their name (and caption file) with another", False),
+    # data.masks (masks.py): the image trains, with weight 1 everywhere.
+    Category("missing_mask", "image without a usable mask", "images without a usable mask", False, "trains unmasked"),
+    Category("mask_size", "mask of another size than its image", "masks of other sizes than their images", False,
+             "trains unmasked"),
+    Category("empty_mask", "mask without a white pixel", "masks without a white pixel", False, "trains unmasked"),
 )}
 
 _MAX_WORKERS = 8
@@ -178,7 +185,12 @@ def _finding(name: str, detail: str) -> str:
 def check_dataset(cfg, base_dir: Path | None = None, tokenizer=None) -> DatasetReport:
     """Find the examples `cfg` (a DataConfig) names and check them."""
     where = resolve_data_path(cfg.path, base_dir)
-    return check_examples(find_examples(cfg, base_dir), cfg, where=where, tokenizer=tokenizer)
+    report = check_examples(find_examples(cfg, base_dir), cfg, where=where, tokenizer=tokenizer)
+    if cfg.masks:
+        from .masks import attach_masks
+
+        report.usable = attach_masks(report.usable, cfg, base_dir, report)
+    return report
 
 
 def discover_examples(cfg, base_dir: Path | None = None, log: Callable[[str], None] = print) -> list[Example]:

@@ -99,8 +99,9 @@ def _open(source, name: str, max_pixels: int) -> Image.Image:
         raise FinetuneError(f"cannot read image {safe_name(name)}: {safe_name(e)}") from None
 
 
-def load_image(path, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode `path` (a file path or the encoded bytes of an image) to RGB; errors name the file."""
+def load_image(path, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, rgb: bool = True) -> Image.Image:
+    """Decode `path` (a file path or the encoded bytes of an image) to RGB; errors name the file.
+    rgb=False: upright but in the file's own mode, alpha kept (masks, masks.py)."""
     name = name or str(path)
     with warnings_named(name), pixel_limit(max_pixels), _open(path, name, max_pixels) as img:
         try:
@@ -109,7 +110,7 @@ def load_image(path, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXE
             raise FinetuneError(f"image {safe_name(name)}: {too_many_pixels(e, max_pixels)}") from None
         except (OSError, ValueError, SyntaxError) as e:
             raise FinetuneError(f"cannot read image {safe_name(name)}: {safe_name(e)}") from None
-        return to_rgb(img, name)
+        return to_rgb(img, name) if rgb else upright(img)
 
 
 def image_size(path, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
@@ -128,6 +129,21 @@ def oriented_size(img: Image.Image, name: str = "image") -> tuple[int, int]:
     except Exception:  # a broken EXIF block must not make a readable image unusable
         orientation = None
     return (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """A copy turned as its EXIF orientation says (as stored when that EXIF is unusable)."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # keep the image as stored rather than reject it for unusable EXIF
+        return img.copy()
+
+
+def alpha_channel(img: Image.Image) -> Image.Image | None:
+    """An image's transparency as an upright "L" image (255: opaque), or None when it has none."""
+    if img.mode not in _ALPHA_MODES and "transparency" not in img.info:
+        return None
+    return upright(img).convert("RGBA").getchannel("A")
 
 
 def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:

@@ -37,7 +37,9 @@ DEFAULT_TEXT_ENCODER_PREFIXES = {"text_encoder": "lora_te"}
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 _PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-_KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+_KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale", ".hada_w1_a", ".hada_w1_b",
+                   ".hada_w2_a", ".hada_w2_b", ".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a",
+                   ".lokr_w2_b")
 # Top-level children of transformers' CLIPTextTransformer. In transformers 5.x CLIPTextModel holds
 # them directly; kohya names (made on transformers 4.x) always carry the `text_model.` level.
 _CLIP_TEXT_MODEL_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm.")
@@ -106,6 +108,10 @@ def _component_to_kohya(state: Mapping[str, torch.Tensor], alpha: float, prefix:
                  for k, v in state.items()}
     else:
         state = {_strip(k, ("unet.",)): v for k, v in state.items()}
+    from .lycoris import PER_MODULE, variant_to_kohya
+
+    if alpha == PER_MODULE:  # LoHa, LoKr, DoRA or LoCon: `<module>.alpha` keys from lycoris.with_alphas
+        return variant_to_kohya(state, prefix)
     _check_peft_keys(state, component)
     if not state:
         return {}

@@ -73,6 +73,15 @@ def _memory_options(recipe) -> list[str]:
     return [f"| memory options | {', '.join(changed)} |"] if changed else []
 
 
+def _ema_line(run_dir: Path, recipe) -> list[str]:
+    """training.ema wrote every file above again, with the averaged weights, into ema/."""
+    ema = getattr(recipe.training, "ema", None)
+    if ema is None or not (Path(run_dir) / "ema").is_dir():
+        return []
+    return [f"- `ema/` — the same files with the exponential moving average of the weights (training.ema, decay "
+            f"{ema.decay}); load them as below from `{(Path(run_dir) / 'ema').resolve()}`"]
+
+
 def write_model_card(run_dir: Path, recipe, family, method, source, run_name: str, files: list[Path],
                      samples: list[Path], losses: list[float]) -> Path:
     from ..train.decisions import card_rows
@@ -111,6 +120,7 @@ def write_model_card(run_dir: Path, recipe, family, method, source, run_name: st
         "## Files",
         "",
         *[f"- `{f.name}`" + (f" — {method.describe_file(f)}" if method.describe_file(f) else "") for f in files],
+        *_ema_line(run_dir, recipe),
         "",
         "## Use it",
         "",

@@ -34,6 +34,8 @@ The training objective (the loop computes MSE(prediction, target) x `loss_weight
   (DDPM epsilon / v-prediction for SD, rectified flow for FLUX), drawing from the global RNG.
 - `predict(c, noisy, timesteps, cond) -> prediction` shaped like the target.
 - `loss_weights(c, timesteps, min_snr_gamma)` (None: uniform); `count_truncated(c, captions)`.
+- `latent_mask(c, masks)`: `data.masks` pooled to the latent grid (default: area interpolation by
+  `latent_scale(c)`, the pipeline's `vae_scale_factor`; FLUX.2's patchified latents: twice that).
 
 What methods and exports need
 - `lora_targets` (module-name suffixes, or one regular expression peft matches against whole
@@ -182,6 +184,12 @@ class Family:
     single_file_description: ClassVar[str] = (
         "single-file checkpoint for AUTOMATIC1111, Forge and ComfyUI (copy into `models/checkpoints`); diffusers "
         "reads it with `from_single_file`")
+    # What a LoRA-style method may add beyond a plain LoRA here (finetune/methods/adapters.py): loha, lokr,
+    # dora, locon. Each needs an exporter to the layout this family's apps load; the fused-attention layouts
+    # of the transformer families have one for plain LoRA only.
+    adapter_variants: ClassVar[frozenset[str]] = frozenset()
+    # The denoiser's convolutions a LoCon adapts (conv_rank), by peft target name.
+    conv_lora_targets: ClassVar[list[str]] = []
     # Text encoder -> tensor name in a webui/ComfyUI embedding file (textual inversion).
     embedding_keys: ClassVar[dict[str, str]] = {"text_encoder": "emb_params"}
 
@@ -199,6 +207,8 @@ class Family:
         title = self.title or self.name
         if method.type in self.refused_methods:
             return f"method.type: {method.type} is not available for {title}; {self.refused_methods[method.type]}"
+        if why := self._variant_problem(method, title):
+            return why
         trainable = self.adaptable_text_encoders()
         if getattr(method, "train_text_encoder", False) and not trainable:
             return (f"method.train_text_encoder: {title}'s reference trainers train no text-encoder LoRA, nor do we; "
@@ -210,6 +220,18 @@ class Family:
             only = " and ".join(trainable) or "no text encoder"
             return (f"method.text_encoder_2_lr: {title} trains {only} with a text-encoder LoRA, no text_encoder_2; "
                     "unset it (method.text_encoder_lr is the text encoder's rate)")
+        return None
+
+    def _variant_problem(self, method, title: str) -> str | None:
+        if not hasattr(method, "variant"):
+            return None
+        from ..methods.adapters import features
+
+        for feature, key in features(method):
+            if feature not in self.adapter_variants:
+                can = ", ".join(sorted(self.adapter_variants)) or "a plain LoRA only"
+                return (f"{key}: {title} takes {can} here ({feature} has no exporter to the layout its apps load "
+                        "yet); remove it")
         return None
 
     def load(self, source: ModelSource, cfg, dtype: torch.dtype | None = None,
@@ -231,6 +253,21 @@ class Family:
 
     def loss_weights(self, c: Components, timesteps: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor | None:
         return None
+
+    def latent_scale(self, c: Components) -> int:
+        """Pixels per side of one cell of the latents `encode_images` returns."""
+        return c.pipeline.vae_scale_factor
+
+    def latent_mask(self, c: Components, masks: torch.Tensor) -> torch.Tensor:
+        """Pixel masks (B, 1, H, W; 0-255) -> loss weights in [0, 1] on the grid of `encode_images`' latents
+        (B, 1, h, w): each cell the mean of the pixels it covers (area interpolation), rows and columns the
+        encoder drops for whole patches dropped here too. The loop crops it like `sample_noisy` crops the
+        latents (the bottom/right rows and columns) and broadcasts it over the channels."""
+        import torch.nn.functional as F
+
+        s = self.latent_scale(c)
+        h, w = masks.shape[-2] // s, masks.shape[-1] // s
+        return F.interpolate(masks[..., :h * s, :w * s].float() / 255.0, size=(h, w), mode="area")
 
     def image_conditioning(self, c: Components, batch: dict) -> dict[str, torch.Tensor]:
         """Conditioning taken from the images rather than the captions (merged into `cond`); a batch

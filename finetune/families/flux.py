@@ -14,7 +14,10 @@ LoRA files for ComfyUI and Forge use the original (BFL) module names with q/k/v 
 kohya's FLUX trainer writes them: `lora_unet_double_blocks_0_img_attn_qkv`,
 `lora_unet_single_blocks_0_linear1` (q, k, v and the MLP input in one weight), `lora_te1_...` for
 CLIP-L. diffusers' FluxPipeline.load_lora_weights reads that layout too (at FLUX.1's real widths:
-its converter has them written in for the single blocks' linear1).
+its converter has them written in for the single blocks' linear1). LoHa, LoKr and DoRA cannot be fused
+that way: their files name diffusers' modules as SimpleTuner's LyCORIS files do,
+`lycoris_transformer_blocks_0_attn_to_q.hada_w1_a`, which ComfyUI and Forge map to the rows of the fused
+BFL weight each one is (comfy/lora.py, `model_lora_keys_unet`, its FLUX branch).
 
 Textual inversion and pivotal tuning learn the new token in CLIP-L only (`embedding_keys`): T5 reads
 the trigger as ordinary text pieces. A full fine-tune's single file is the transformer alone in BFL's
@@ -141,6 +144,9 @@ class FluxFamily(FlowFamily):
     # parameters; kohya and ai-toolkit train them, diffusers' example does not.
     lora_targets = LORA_TARGETS
     text_encoder_lora_targets = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP-L attention
+    # In the layout SimpleTuner's LyCORIS files use, `lycoris_<diffusers module>`: ComfyUI and Forge map
+    # each such name to its rows of BFL's fused weights and apply LoHa, LoKr and DoRA there.
+    adapter_variants = frozenset({"loha", "lokr", "dora"})
     trainable_text_encoders = ("text_encoder",)  # CLIP-L; T5-XXL always stays frozen
     kohya_text_encoder_prefixes = {"text_encoder": "lora_te1"}  # kohya's FLUX trainer; ComfyUI maps it to clip_l
     kohya_apps = "ComfyUI and Forge"  # AUTOMATIC1111 does not run FLUX
@@ -268,8 +274,13 @@ class FluxFamily(FlowFamily):
 
     def kohya_lora(self, denoiser_state, text_encoder_states, denoiser_alpha, text_encoder_alphas):
         from ..export.lora import peft_to_kohya
+        from ..export.lycoris import PER_MODULE, variant_to_kohya
 
-        out = flux_to_kohya(denoiser_state, denoiser_alpha) if denoiser_state else {}
+        if denoiser_alpha == PER_MODULE:  # LoHa, LoKr, DoRA: cannot be fused into BFL's qkv
+            state = {re.sub(r"^transformer\.", "", k): v for k, v in (denoiser_state or {}).items()}
+            out = variant_to_kohya(state, "lycoris")
+        else:
+            out = flux_to_kohya(denoiser_state, denoiser_alpha) if denoiser_state else {}
         te_states = {n: s for n, s in (text_encoder_states or {}).items() if s}
         if te_states:
             out.update(peft_to_kohya(None, te_states, None, text_encoder_alphas, self.kohya_text_encoder_prefixes))

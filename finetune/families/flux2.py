@@ -208,6 +208,9 @@ class Flux2Family(FlowFamily):
                     "distilled": bool(pipe.config.get("is_distilled", False))},
         ), device)
 
+    def latent_scale(self, c: Components) -> int:
+        return 2 * c.pipeline.vae_scale_factor  # 2x2 patches of the VAE's latents, one cell each
+
     def encode_images(self, c: Components, pixels: torch.Tensor) -> torch.Tensor:
         """Patchified, batch-normed latents (batch, 128, h/16, w/16), as the pipeline's `_encode_vae_image`
         and the example make them (the distribution's mode, not a sample)."""

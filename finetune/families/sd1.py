@@ -25,6 +25,9 @@ class SD1Family(Family):
     # Attention, projections and feed-forward of every transformer block: what kohya's LoRA trains.
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
     text_encoder_lora_targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    adapter_variants = frozenset({"loha", "lokr", "dora", "locon"})
+    # kohya's LoCon convolutions: every conv of the ResNet blocks and of the down/upsamplers.
+    conv_lora_targets = ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"]
     kohya_text_encoder_prefixes = {"text_encoder": "lora_te"}
     kohya_base_model_version = "sd_v1"
     text_encoder_names = ("text_encoder",)  # pipeline attributes; tokenizers are named alike

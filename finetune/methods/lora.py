@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..config_base import Section
 from . import register_method
@@ -37,6 +37,41 @@ class LoraConfig(Section):
         description=("The second text encoder's rate (SDXL's OpenCLIP bigG, SD3's CLIP-G); default = text_encoder_lr. "
                      "Refused for families whose text-encoder LoRA has no second encoder (SD1.x, FLUX.1)."))
     init_lora_weights: Literal["default", "gaussian"] = "default"
+    variant: Literal["lora", "loha", "lokr"] = Field("lora", description=(
+        "lora; loha (LyCORIS LoHa: a Hadamard product of two low-rank pairs, more capacity per parameter, "
+        "styles); lokr (LyCORIS LoKr: a Kronecker product, the smallest files, styles and concepts). The "
+        "kohya-layout file holds LyCORIS's keys, which ComfyUI, AUTOMATIC1111 and Forge load."))
+    dora: bool = Field(False, description=(
+        "DoRA (variant lora): each output channel's magnitude learns apart from its direction; learns more at "
+        "the same rank (subjects); slower steps (the weight's norm is recomputed each step)."))
+    conv_rank: int | None = Field(None, ge=1, le=1024, description=(
+        "LoCon: also adapt the UNet's convolutions (ResNet blocks, down/upsamplers) at this rank, for "
+        "textures and fine detail; 4-16 is usual. Unset: attention and projection layers only."))
+    conv_alpha: float | None = Field(None, gt=0, le=65536, allow_inf_nan=False,
+                                     description="LoCon alpha; default = conv_rank.")
+    lokr_factor: int = Field(-1, ge=-1, le=1024, description=(
+        "LoKr: split each weight's sides by this factor (LyCORIS `factor`); -1 = the most square split. "
+        "4-16 gives smaller files."))
+    decompose_both: bool = Field(False, description="LoKr: also factor the smaller Kronecker matrix into a low-rank pair.")
+
+    @model_validator(mode="after")
+    def _variant_options(self):
+        if self.dora and self.variant != "lora":
+            raise ValueError(f"dora: DoRA is a variant of LoRA here; set variant: lora, or dora: false for {self.variant}")
+        if self.variant != "lokr":
+            for key, default in (("lokr_factor", -1), ("decompose_both", False)):
+                if getattr(self, key) != default:
+                    raise ValueError(f"{key}: a LoKr option; set variant: lokr, or remove it")
+        if self.lokr_factor in (0, 1):
+            raise ValueError("lokr_factor: -1 (the most square split) or a factor of 2 or more")
+        if self.conv_alpha is not None and not self.conv_rank:
+            raise ValueError("conv_alpha: set conv_rank too (the rank of the convolution layers)")
+        if self.variant != "lora" and self.dropout:
+            raise ValueError(f"dropout: LoRA's dropout; {self.variant} has none here, remove it")
+        if self.variant != "lora" and self.train_text_encoder:
+            raise ValueError(f"train_text_encoder: {self.variant} adapts the denoiser only here; use variant: lora "
+                             "for a text-encoder LoRA")
+        return self
 
 
 
@@ -58,20 +93,18 @@ class LoraMethod(Method):
     def trains_text_encoder(self) -> bool:
         return self.cfg.train_text_encoder
 
-    def _peft_config(self, rank, alpha, targets):
-        from peft import LoraConfig as PeftLoraConfig
+    def _peft_config(self, rank, alpha, targets, conv_targets=()):
+        from .adapters import adapter_config
 
-        return PeftLoraConfig(
-            r=rank, lora_alpha=alpha or rank, lora_dropout=self.cfg.dropout, target_modules=targets,
-            init_lora_weights="gaussian" if self.cfg.init_lora_weights == "gaussian" else True,
-        )
+        return adapter_config(self.cfg, rank, alpha, targets, conv_targets, init=self.cfg.init_lora_weights)
 
     def setup(self, c) -> list[dict]:
         from peft import inject_adapter_in_model
 
         for module in c.frozen_modules():
             module.requires_grad_(False)
-        self.unet_config = self._peft_config(self.cfg.rank, self.cfg.alpha, self.cfg.target_modules or self.family.lora_targets)
+        self.unet_config = self._peft_config(self.cfg.rank, self.cfg.alpha, self.cfg.target_modules or self.family.lora_targets,
+                                             self.family.conv_lora_targets)
         c.denoiser.add_adapter(self.unet_config)
         groups = [{"params": [p for p in c.denoiser.parameters() if p.requires_grad], "lr": self.training.learning_rate}]
         self.text_encoder_configs = {}
@@ -103,31 +136,47 @@ class LoraMethod(Method):
         return unet, tes
 
     def save(self, c, folder: Path, output, name: str) -> list[Path]:
-        from ..export.lora import kohya_alpha, kohya_metadata, save_diffusers_lora, save_kohya_lora
+        from ..export.lora import kohya_metadata, save_diffusers_lora, save_kohya_lora
+
+        from .adapters import kohya_network
 
         folder = Path(folder)
         dtype = save_dtype(output.save_dtype)
         unet_state, te_states = self.state_dicts(c)
         written = []
-        if "diffusers" in output.formats:
+        if "diffusers" in output.formats and self.diffusers_loads:
             save_diffusers_lora(folder, self.family.pipeline_class, unet_state, te_states, self.unet_config,
                                 self.text_encoder_configs, dtype, weight_name=DIFFUSERS_WEIGHT_NAME,
                                 denoiser_component=self.family.denoiser_component)
             written.append(folder / DIFFUSERS_WEIGHT_NAME)
         if "kohya" in output.formats:
-            state = self.family.kohya_lora(
-                unet_state, te_states, kohya_alpha(self.unet_config),
-                {n: kohya_alpha(cfg) for n, cfg in self.text_encoder_configs.items()})
+            state = self._kohya_state(unet_state, te_states)
             meta = kohya_metadata(
                 base_model_version=self.family.base_model_version(c), modelspec=self.family.modelspec,
                 rank=self.unet_config.r,
-                alpha=kohya_alpha(self.unet_config), output_name=name,
+                alpha=self.cfg.alpha or self.cfg.rank, output_name=name,
                 trains_text_encoder=bool(self.text_encoder_configs),
-                base_model_name=_base_model_name(c.source.label), training=self._kohya_training())
+                base_model_name=_base_model_name(c.source.label),
+                training={**self._kohya_training(), **kohya_network(self.cfg)})
             path = folder / f"{name}.safetensors"
             save_kohya_lora(path, state, meta, dtype)
             written.append(path)
         return written
+
+    def _kohya_state(self, unet_state, te_states) -> dict:
+        """The kohya-layout state: a plain LoRA with one alpha per component, the variants with each module's
+        own (conv_alpha), carried in the state through the family's renaming."""
+        from ..export.lora import kohya_alpha
+        from ..export.lycoris import PER_MODULE, with_alphas
+        from .adapters import is_plain
+
+        configs = self.text_encoder_configs
+        if is_plain(self.cfg):
+            return self.family.kohya_lora(unet_state, te_states, kohya_alpha(self.unet_config),
+                                          {n: kohya_alpha(cfg) for n, cfg in configs.items()})
+        return self.family.kohya_lora(with_alphas(unet_state, self.unet_config),
+                                      {n: with_alphas(s, configs[n]) for n, s in te_states.items()},
+                                      PER_MODULE, {n: PER_MODULE for n in configs})
 
     def _kohya_training(self) -> dict:
         """The run's settings under kohya's `ss_*` names: webui and civitai show them from the file."""
@@ -141,21 +190,48 @@ class LoraMethod(Method):
                 "min_snr_gamma": t.min_snr_gamma, "max_grad_norm": t.max_grad_norm,
                 "network_dropout": self.cfg.dropout}
 
+    @property
+    def diffusers_loads(self) -> bool:
+        """diffusers' `load_lora_weights` reads this adapter: LoRA, DoRA, LoCon and LoKr, not LoHa."""
+        return self.cfg.variant != "loha"
+
     def describe_file(self, path: Path) -> str:
+        from .adapters import is_plain, title
+
         if path.name == DIFFUSERS_WEIGHT_NAME:
-            return "diffusers/peft format: `pipe.load_lora_weights(run_folder)`"
-        return f"kohya format for {self.family.kohya_apps} (copy into `models/loras`)"
+            if self.cfg.variant == "lokr":
+                return (f"diffusers/peft format (LoKr): `pipe.{self.family.denoiser_component}.load_lora_adapter(...)`"
+                        " as below (the pipelines' `load_lora_weights` reads LoRA keys only)")
+            what = "" if is_plain(self.cfg) else f" ({title(self.cfg)})"
+            return f"diffusers/peft format{what}: `pipe.load_lora_weights(run_folder)`"
+        if is_plain(self.cfg):
+            return f"kohya format for {self.family.kohya_apps} (copy into `models/loras`)"
+        note = ""
+        if self.cfg.dora:
+            note = ("; ComfyUI and Forge normalise a DoRA by the base weight, not the adapted one, so there the "
+                    "result is close to, not exactly, what trained (ComfyUI PR #15458); AUTOMATIC1111 reads only "
+                    "input-axis DoRA files and does not apply this one as trained")
+        return (f"{title(self.cfg)} with LyCORIS's keys, in the kohya-style layout {self.family.kohya_apps} map "
+                f"(copy into `models/loras`){note}")
 
     def usage(self, pipeline_class, load_base, run_dir, files):
         return [*super().usage(pipeline_class, load_base, run_dir, files), self.load_line(run_dir, files)]
 
     def load_line(self, run_dir, files) -> str:
         """`load_lora_weights` of the run's diffusers file, or of its kohya file when that is all there is."""
+        from .adapters import is_plain
+
         names = [Path(f).name for f in files]
+        if DIFFUSERS_WEIGHT_NAME in names and self.cfg.variant == "lokr":
+            component = self.family.denoiser_component
+            return (f"pipe.{component}.load_lora_adapter({str(run_dir)!r}, weight_name={DIFFUSERS_WEIGHT_NAME!r}, "
+                    f"prefix={component!r})")
         if DIFFUSERS_WEIGHT_NAME in names:
             return f"pipe.load_lora_weights({str(run_dir)!r})"
         kohya = next(n for n in names if "kohya" in self.describe_file(Path(n)))
-        if not self.family.diffusers_reads_kohya:
+        if not self.diffusers_loads:
+            return f"# {kohya} loads in {self.family.kohya_apps}; diffusers has no LoHa loader"
+        if not self.family.diffusers_reads_kohya or not is_plain(self.cfg):
             return (f"# {kohya} loads in {self.family.kohya_apps}, not in diffusers: add diffusers to "
                     "output.formats for a file this pipeline reads")
         return f"pipe.load_lora_weights({str(run_dir)!r}, weight_name={kohya!r})"

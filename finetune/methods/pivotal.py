@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from . import register_method
 from .base import Method
@@ -35,6 +35,15 @@ class PivotalConfig(LoraConfig, TextualInversionConfig):
         None, ge=1, le=10_000_000,
         description="Stop training the embeddings after this many steps; the LoRA goes on. "
                     "Unset: both train to the end.")
+
+    @model_validator(mode="after")
+    def _plain_lora(self):
+        from .adapters import features
+
+        for _, key in features(self):
+            raise ValueError(f"{key.split('.', 1)[1]}: pivotal tuning trains a plain LoRA here; remove it, or use "
+                             "type: lora for LoHa, LoKr, DoRA or conv layers")
+        return self
 
 
 @register_method("pivotal")

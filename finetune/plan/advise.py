@@ -79,7 +79,7 @@ def candidates(s: Settings, family) -> list[Change]:
 def _offloading(s: Settings) -> list[Change]:
     """The text encoders and the VAE off the GPU once what they make is cached: the same results."""
     out = []
-    if not s.text_offload and not s.method.trains_text:
+    if not s.text_offload and not s.method.trains_text and not s.captions_vary:
         keys = ([] if s.cache_text else ["data.cache_text_embeddings=true"]) + ["memory.text_encoders=offload"]
         out.append(Change("text encoders to the CPU once their outputs are cached", keys,
                           {"cache_text": True, "text_offload": True}))

@@ -186,7 +186,12 @@ def optimizer_bytes(s: Settings, sizes: list[int]) -> float:
         blocks = 4 * math.ceil(n / 256)
         return {"adamw": 8 * n, "adamw8bit": 8 * n if small else 2 * n + 2 * blocks,
                 "lion": 4 * n, "lion8bit": 4 * n if small else n + blocks,
-                "sgd": 4 * n if s.momentum else 0}[s.optimizer]
+                "sgd": 4 * n if s.momentum else 0,
+                "prodigy": 16 * n,  # exp_avg, exp_avg_sq, s, p0
+                "adamw_schedulefree": 8 * n,  # z, exp_avg_sq
+                # Factored second moments: a row and a column vector per matrix, here sized as for a
+                # square one (the sizes carry no shapes); a full fine-tune's weights are near square.
+                "adafactor": 8 * math.isqrt(n)}[s.optimizer]
     return float(sum(one(n) for n in sizes))
 
 

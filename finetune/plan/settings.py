@@ -36,6 +36,7 @@ class Settings:
     vae_offload: bool  # the VAE leaves the GPU once the latents are cached
     host_caches: bool  # the caches live in host RAM (memory.cache_dir unset: on disk otherwise)
     images: int | None  # images in data.path, if it is a folder on this machine
+    captions_vary: bool = False  # data.shuffle_tags / tag_dropout: captions cannot be encoded once
 
 
 def settings_from_recipe(recipe) -> Settings:
@@ -45,7 +46,8 @@ def settings_from_recipe(recipe) -> Settings:
     # deterministic, text when no text encoder trains.
     latents = ((data.crop == "center" and not data.random_flip) if data.cache_latents == "auto"
                else bool(data.cache_latents))
-    text = not mp.trains_text if data.cache_text_embeddings == "auto" else bool(data.cache_text_embeddings)
+    auto = not mp.trains_text and not data.captions_vary  # shuffled or dropped tags: encoded every step
+    text = auto if data.cache_text_embeddings == "auto" else bool(data.cache_text_embeddings)
     return Settings(
         # The plan is for a GPU run, where "auto" is bf16 (fp16 on GPUs before Ampere: the same bytes).
         method=mp, precision="bf16" if tr.mixed_precision == "auto" else tr.mixed_precision,
@@ -59,7 +61,7 @@ def settings_from_recipe(recipe) -> Settings:
         # "auto" offloads what is cached: on a GPU, which is what the plan is for.
         cache_text=text, text_offload=text and mem.text_encoders != "keep",
         vae_offload=latents and mem.vae != "keep", host_caches=mem.cache_dir is None,
-        images=count_images(data.path))
+        images=count_images(data.path), captions_vary=data.captions_vary)
 
 
 def count_images(path: str, limit: int = 100_000) -> int | None:

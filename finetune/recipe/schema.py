@@ -98,12 +98,24 @@ class DataConfig(Section):
     crop: Literal["center", "random"] = "center"
     random_flip: bool = False
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    shuffle_tags: bool = Field(False, description=(
+        "Shuffle the comma-separated tags of each caption every step (kohya's shuffle_caption), for tag "
+        "captions ('1girl, red hair, smile'); the first keep_tokens stay in place. The text cache turns off."))
+    keep_tokens: int = Field(0, ge=0, le=1000, description=(
+        "Tags at the start of a caption that shuffle_tags and tag_dropout never move or drop (the trigger "
+        "word, the character name); counted in tags, as kohya's keep_tokens."))
+    tag_dropout: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "Chance that each tag after the kept ones is left out, drawn every step (kohya's "
+        "caption_tag_dropout_rate; 0.05-0.1 is usual). The text cache turns off."))
+    tag_separator: str = Field(",", min_length=1, description=(
+        "What separates tags (shuffle_tags, tag_dropout); the tags are joined again with ', '."))
     repeats: int = Field(1, ge=1, le=10_000)
     bucketing: BucketConfig = Field(default_factory=BucketConfig)
     cache_latents: Literal["auto", True, False] = Field(
         "auto", description="Encode images once; auto = on when crops and flips are deterministic.")
     cache_text_embeddings: Literal["auto", True, False] = Field(
-        "auto", description="Encode captions once; auto = on when the text encoder is frozen.")
+        "auto", description=("Encode captions once; auto = on when the text encoder is frozen and captions "
+                             "do not change per step (shuffle_tags, tag_dropout)."))
     num_workers: int = Field(0, ge=0, le=256)
     follow_symlinks: bool = Field(False, description=(
         "Read files reached through symlinks that leave the data folder; off: they are skipped and named."))
@@ -111,6 +123,27 @@ class DataConfig(Section):
         "Fraction of the images kept out of training (chosen by training.seed) for the held-out val_loss; 0: none."))
     validation_path: str | None = Field(None, min_length=1, description=(
         "Held-out images of their own (a folder or metadata file, read like data.path), instead of a split."))
+    masks: str | None = Field(None, min_length=1, description=(
+        "Weight the loss per pixel so a photo trains on its subject, not its background: a folder of grayscale "
+        "masks named like the images (masks/shoe.png for shoe.jpg; white trains, black is ignored; found like "
+        "data.path), or alpha (each image's own transparency). Images without a usable mask train unmasked."))
+    unmasked_weight: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "The loss weight of black mask pixels: 0 ignores the background entirely; 0.1 keeps a little of it."))
+    normalize_masked_loss: bool = Field(True, description=(
+        "Divide each image's masked loss by its mask's weight, so a small subject trains as strongly as a large "
+        "one at the same learning rate (OneTrainer); false: the loss shrinks with the mask's area (kohya)."))
+
+    @model_validator(mode="after")
+    def _mask_keys(self):
+        # Only a value other than the default: a run's recipe.yaml spells every default out.
+        if self.masks is None:
+            for key, default in (("unmasked_weight", 0.0), ("normalize_masked_loss", True)):
+                if getattr(self, key) != default:
+                    raise ValueError(f"{key}: needs data.masks (a folder of masks, or alpha)")
+        elif self.unmasked_weight == 1.0:
+            raise ValueError("unmasked_weight: 1 weighs the background like the subject, so data.masks would "
+                             "change nothing; use less than 1, or unset data.masks")
+        return self
 
     @field_validator("resolution")
     @classmethod
@@ -119,6 +152,22 @@ class DataConfig(Section):
         if v % 8:
             raise ValueError(f"{v} is not a multiple of 8 (the VAE's scale factor); try {max(8, round(v / 8) * 8)}")
         return v
+
+    @property
+    def captions_vary(self) -> bool:
+        """A caption's text changes from step to step (tags shuffled or dropped), so it cannot be encoded once."""
+        return self.shuffle_tags or self.tag_dropout > 0
+
+    @model_validator(mode="after")
+    def _tags(self):
+        if self.keep_tokens and not self.captions_vary:
+            raise ValueError("keep_tokens: keeps tags in place under data.shuffle_tags or data.tag_dropout, and "
+                             "neither is on; set shuffle_tags: true (or a tag_dropout), or remove keep_tokens")
+        if self.cache_text_embeddings is True and self.captions_vary:
+            raise ValueError("cache_text_embeddings: data.shuffle_tags / data.tag_dropout change the captions every "
+                             "step, so they cannot be encoded once; set it to auto or false (the text encoder "
+                             "then runs each step)")
+        return self
 
 
 def _method_union():
@@ -131,17 +180,57 @@ def _method_union():
 MethodConfig = _method_union()
 
 
+# The options only one optimizer.type reads (finetune/train/optim.py), and the optimizer that reads them.
+OPTIMIZER_OWN_OPTIONS = {"d_coef": "prodigy", "use_bias_correction": "prodigy", "safeguard_warmup": "prodigy",
+                         "r": "adamw_schedulefree", "relative_step": "adafactor", "scale_parameter": "adafactor",
+                         "warmup_init": "adafactor"}
+
+
 class OptimizerConfig(Section):
-    type: Literal["adamw", "adamw8bit", "lion8bit", "lion", "sgd"] = Field(
-        "adamw", description="adamw8bit/lion8bit use bitsandbytes and cut optimizer memory by ~4x.")
+    type: Literal["adamw", "adamw8bit", "lion8bit", "lion", "sgd", "prodigy", "adamw_schedulefree", "adafactor"] = Field(
+        "adamw", description=(
+            "adamw8bit/lion8bit use bitsandbytes and cut optimizer memory by ~4x. prodigy (prodigyopt) estimates "
+            "its own step size: training.learning_rate 1.0, scheduler constant. adamw_schedulefree (schedulefree) "
+            "needs no schedule (constant; training.lr_warmup_steps is its warm-up) and saves and samples its "
+            "averaged weights. adafactor (transformers) keeps factored second moments, the least memory."))
     weight_decay: float = Field(1e-2, ge=0.0, le=10.0)
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] | None = Field(
-        None, description="Default (0.9, 0.999) for AdamW, (0.9, 0.99) for Lion.")
+        None, description="Default (0.9, 0.999) for AdamW, Prodigy and schedule-free AdamW, (0.9, 0.99) for Lion.")
     eps: float = Field(1e-8, gt=0, le=1.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD only.")
     min_8bit_size: int = Field(
         4096, ge=1, le=2**31 - 1,
         description="8-bit optimizers keep tensors smaller than this in 32-bit (bitsandbytes' default).")
+    d_coef: float = Field(1.0, gt=0.0, le=100.0, description=(
+        "prodigy: multiplies the step size it estimates; the knob to turn, rather than the learning rate "
+        "(0.5-2 are typical: 2 learns faster, 0.5 if samples overcook)."))
+    use_bias_correction: bool = Field(False, description=(
+        "prodigy: Adam's bias correction, which damps the first steps like a warm-up; the setting kohya "
+        "users share turns it on, with safeguard_warmup."))
+    safeguard_warmup: bool = Field(False, description=(
+        "prodigy: keep the learning rate out of the step-size estimate, so damped first steps (bias "
+        "correction) do not inflate it; on with use_bias_correction."))
+    r: float = Field(0.0, ge=0.0, le=10.0, description=(
+        "adamw_schedulefree: weight step k by k^r in the average it samples and saves; 0 (the default) "
+        "weighs every step after the warm-up alike."))
+    relative_step: bool = Field(False, description=(
+        "adafactor: its own rate, min(0.01, 1/sqrt(step)), instead of training.learning_rate (and of "
+        "per-group rates, unused then); needs training.lr_scheduler constant. false, as kohya's common setting: "
+        "training.learning_rate and its scheduler."))
+    scale_parameter: bool = Field(False, description=(
+        "adafactor: scale each step by its weight's size (RMS); off in kohya's common setting (a LoRA's up "
+        "matrix starts at zero, so its steps would start tiny)."))
+    warmup_init: bool = Field(False, description="adafactor with relative_step: its rate grows from 1e-6 per step.")
+
+    @model_validator(mode="after")
+    def _own_options(self):
+        # Only a value other than the default: a run's recipe.yaml spells every default out.
+        for key, kind in OPTIMIZER_OWN_OPTIONS.items():
+            if self.type != kind and getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(f"{key}: an option of optimizer.type {kind}, and this recipe's is {self.type}")
+        if self.warmup_init and not self.relative_step:
+            raise ValueError("warmup_init: warms up Adafactor's own rate, so it needs relative_step: true")
+        return self
 
 
 KEEP_BEST_METRICS = ("val_loss", "clip_score", "clip_i", "dino")
@@ -153,6 +242,31 @@ class EarlyStoppingConfig(Section):
     patience: int = Field(3, ge=1, le=MAX_STEPS, description="Validations without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0.0, le=1e6, description=(
         "What counts as an improvement: a change by more, in the metric's better direction."))
+
+
+class EmaConfig(Section):
+    """An exponential moving average of the trained weights (diffusers' EMAModel), written beside the
+    trained files into `ema/` (finetune/train/ema.py)."""
+
+    decay: float = Field(0.9999, gt=0.0, lt=1.0, description=(
+        "The most the average keeps per update. Until it is reached the decay ramps as (1+n)/(10+n) with the "
+        "n-th update, which reaches 0.999 only after ~9,000 updates, so a run of a few thousand steps averages "
+        "roughly its last fifth whatever this says: 0.9999 (diffusers' default) suits long full fine-tunes; "
+        "0.995-0.999 caps a LoRA run's average at its last ~200-1,000 updates."))
+    update_every: int = Field(1, ge=1, le=MAX_STEPS, description=(
+        "Optimizer steps between EMA updates; decay and warm-up count updates. 5-10 on big models, where an "
+        "update is a pass over every trained weight."))
+    update_after_step: int = Field(0, ge=0, le=MAX_STEPS, description=(
+        "Updates that only copy the weights before averaging starts (diffusers' update_after_step)."))
+    warmup_power: float | None = Field(None, gt=0.0, le=1.0, description=(
+        "null: the (1+n)/(10+n) ramp; a power p: 1-(1+n)^-p instead (diffusers' use_ema_warmup: 2/3 for runs "
+        "of a million steps, 3/4 for shorter ones)."))
+    validate_with: Literal["raw", "ema", "both"] = Field("raw", description=(
+        "Weights the validation prompts are sampled with: raw (the trained ones), ema, or both (the EMA's "
+        "samples in samples/step-N/ema/; metrics and the model card use the raw ones)."))
+    device: Literal["accelerator", "cpu"] = Field("accelerator", description=(
+        "Where the average is kept: cpu keeps it off the GPU (a full SDXL fine-tune's is 10 GB in fp32) and "
+        "brings it over for each update, into the room the freed gradients leave."))
 
 
 class TrainingConfig(Section):
@@ -184,6 +298,9 @@ class TrainingConfig(Section):
     early_stopping: EarlyStoppingConfig | None = Field(None, description=(
         "Stop after `patience` validations without the held-out val_loss improving by more than min_delta, "
         "with a checkpoint and the final files; null: off."))
+    ema: EmaConfig | None = Field(None, description=(
+        "Also keep an exponential moving average of the trained weights and write the method's files with it "
+        "into ema/ (and each checkpoint's ema/); {} for the defaults, null: off."))
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -357,6 +474,16 @@ class Recipe(Section):
             if v is not None and v % multiple:
                 raise ValueError(f"validation.{key}: {v} is not a multiple of {multiple}")
         mem, tr = self.memory, self.training
+        if hasattr(self.method, "variant") and (mem.fp8_base or mem.quantize_base != "none"):
+            from ..methods.adapters import features
+
+            for _, key in features(self.method):
+                raise ValueError(f"{key}: not with a float8 or quantized base (memory.fp8_base, memory.quantize_base) "
+                                 "yet: DoRA reads the base weight's norm and LoHa/LoKr build a full delta, neither "
+                                 "checked on those layers; use a plain LoRA there")
+        if getattr(self.method, "variant", None) == "loha" and "kohya" not in self.output.formats:
+            raise ValueError("output.formats: diffusers has no LoHa loader, so only the kohya file is written; "
+                             "add kohya")
         held = self.data.validation_split > 0 or self.data.validation_path
         if self.data.validation_split > 0 and self.data.validation_path:
             raise ValueError("data.validation_path: set it or data.validation_split, not both")
@@ -375,6 +502,10 @@ class Recipe(Section):
         if mem.fp8_base and not tr.gradient_checkpointing:
             raise ValueError("memory.fp8_base: needs training.gradient_checkpointing: true; without it every "
                              "layer's upcast copy stays for the backward pass and the run takes more memory, not less")
+        from .optimizer_rules import optimizer_problem
+
+        if why := optimizer_problem(self):
+            raise ValueError(why)
         return self
 
     def _check_measured(self, key: str, metric: str | None, held: bool) -> None:

@@ -35,13 +35,16 @@ def latent_seed(seed: int, example: int, epoch: int = 0) -> int:
     return (seed * 1_000_003 + example) * 1_009 + epoch
 
 
-def encode_item(dataset, i: int, encode, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
-    """(latent on the CPU in `dtype`, sizes) of example `i` of `dataset`."""
+def encode_item(dataset, i: int, encode, seed: int, dtype: torch.dtype,
+                shrink_mask: Callable | None = None) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+    """(latent on the CPU in `dtype`, sizes, mask) of example `i` of `dataset`; the mask (data.masks) on the
+    latent grid by `shrink_mask` (Family.latent_mask), float32 on the CPU, or None when the item has none."""
     item = dataset.item(i, 0)
     latent = seeded_encode(encode, item["pixel_values"][None], [latent_seed(seed, i)])[0]
     if not torch.isfinite(latent).all():
         raise FinetuneError(f"the VAE produced NaN/inf latents for {item['key']}")
-    return latent.to(dtype).cpu(), {k: item[k] for k in SIZE_FIELDS}
+    mask = shrink_mask(item["mask"][None])[0].float().cpu() if "mask" in item and shrink_mask else None
+    return latent.to(dtype).cpu(), {k: item[k] for k in SIZE_FIELDS}, mask
 
 
 def progress(items, bar: str | None, accelerator):
@@ -66,19 +69,24 @@ def gather_dicts(accelerator, *parts: dict) -> tuple[dict, ...]:
 
 
 def build_latent_cache(dataset, encode, seed: int, dtype: torch.dtype, accelerator,
-                       bar: str | None) -> tuple[dict, dict]:
-    """({key: latent}, {key: sizes}) for every example of `dataset`, shared by all processes;
-    `bar`: the progress bar's title (None: no bar)."""
-    latents, sizes = {}, {}
+                       bar: str | None, shrink_mask: Callable | None = None) -> tuple[dict, dict, dict]:
+    """({key: latent}, {key: sizes}, {key: mask} of the masked ones) for every example of `dataset`, shared
+    by all processes; `bar`: the progress bar's title (None: no bar)."""
+    latents, sizes, masks = {}, {}, {}
     for i in progress(my_share(list(range(len(dataset.examples))), accelerator), bar, accelerator):
         key = dataset.examples[i].key
-        latents[key], sizes[key] = encode_item(dataset, i, encode, seed, dtype)
-    return gather_dicts(accelerator, latents, sizes)
+        latents[key], sizes[key], mask = encode_item(dataset, i, encode, seed, dtype, shrink_mask)
+        if mask is not None:
+            masks[key] = mask
+    return gather_dicts(accelerator, latents, sizes, masks)
 
 
 def drawable_captions(dataset) -> set[str]:
     """Every caption `ImageCaptionDataset.caption` can hand out: each example's, and the empty one
-    when caption dropout is on (any item may draw it in some epoch)."""
+    when caption dropout is on (any item may draw it in some epoch). Not for shuffled or dropped tags
+    (`data.captions_vary`): their orders and subsets are too many to encode, and such runs encode per step."""
+    if dataset.cfg.captions_vary:
+        raise RuntimeError("internal error: captions that vary per step were asked to be cached; please report this")
     captions = {e.caption or "" for e in dataset.examples}
     if dataset.cfg.caption_dropout > 0:
         captions.add("")

@@ -259,8 +259,15 @@ def read_trainer_state(ckpt: Path) -> TrainerState:
 def data_fingerprint(examples) -> dict[str, list]:
     """{example key: [image bytes, image sha256, caption sha256]}; the caption as it trains, whether
     it came from a .txt file, a metadata row or data.instance_prompt."""
-    return {e.key: [*_image_fingerprint(e), hashlib.sha256((e.caption or "").encode()).hexdigest()]
-            for e in examples}
+    return {e.key: [*_image_fingerprint(e), hashlib.sha256((e.caption or "").encode()).hexdigest(),
+                    *_mask_fingerprint(e)] for e in examples}
+
+
+def _mask_fingerprint(example) -> list:
+    """The mask's digest under data.masks (a changed mask changes what trains); nothing without masks, so
+    checkpoints of unmasked runs keep their fingerprints."""
+    digest = getattr(example, "mask_digest", None)
+    return [digest()] if digest else []
 
 
 def _image_fingerprint(example) -> list:
@@ -293,7 +300,8 @@ def _changes(saved: dict, now: dict) -> str:
     both = saved.keys() & now.keys()
     found = {"added": now.keys() - saved.keys(), "removed": saved.keys() - now.keys(),
              "image changed": {k for k in both if saved[k][:2] != now[k][:2]},
-             "caption changed": {k for k in both if saved[k][2:] != now[k][2:]}}
+             "caption changed": {k for k in both if saved[k][2:3] != now[k][2:3]},
+             "mask changed": {k for k in both if saved[k][3:] != now[k][3:]}}
     return ", ".join(f"{len(keys)} {what} ({_some(keys)})" for what, keys in found.items() if keys)
 
 

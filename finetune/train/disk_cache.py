@@ -104,6 +104,13 @@ def image_digest(example) -> str:
     return hashlib.sha256(f"{image.mode}|{image.size}|".encode() + image.tobytes()).hexdigest()
 
 
+def mask_digest(example) -> str | None:
+    """An example's data.masks mask (its file's bytes, or "alpha": the image's bytes hold it); None: none."""
+    from ..data.masks import image_mask_digest
+
+    return image_mask_digest(example)
+
+
 def latent_identity(family, c, dtype: torch.dtype, device: torch.device) -> dict:
     """What every latent entry of a run shares: the VAE, the family's scaling, dtype, device (a CUDA
     and a CPU sample of one seed differ)."""
@@ -173,6 +180,7 @@ class LatentEncoder:
     encode: Callable[[torch.Tensor], torch.Tensor]  # pixels -> latents (the family's VAE encode)
     dtype: torch.dtype
     identity: dict  # latent_identity
+    shrink_mask: Callable[[torch.Tensor], torch.Tensor] | None = None  # data.masks -> the latent grid
 
 
 @dataclass
@@ -204,10 +212,13 @@ class DiskCache:
             parts = {**encoder.identity, "image": image_digest(dataset.examples[i]), "crop": cfg.crop,
                      "flip": cfg.random_flip, "size": list(dataset.buckets[dataset.bucket_of_index[i]]),
                      "seed": latent_seed(seed, i)}
+            if (mask := mask_digest(dataset.examples[i])) is not None:  # unmasked entries keep their names
+                parts["mask"] = mask
 
             def make():
-                latent, sizes = encode_item(dataset, i, encoder.encode, seed, encoder.dtype)
-                return {"latent": latent}, {"sizes": json.dumps(sizes)}
+                latent, sizes, mask = encode_item(dataset, i, encoder.encode, seed, encoder.dtype, encoder.shrink_mask)
+                tensors = {"latent": latent} if mask is None else {"latent": latent, "mask": mask}
+                return tensors, {"sizes": json.dumps(sizes)}
 
             return parts, make
 

@@ -19,10 +19,11 @@ def uncropped_sizes(latents: torch.Tensor, vae_scale: int = 8) -> dict:
 
 @torch.no_grad()
 def fixed_noise_loss(family, c, latents: torch.Tensor, captions: list[str], seed: int = 0, repeats: int = 4,
-                     cond: dict | None = None) -> float:
+                     cond: dict | None = None, error=None) -> float:
     """The mean loss over `repeats` seeded draws of noise and timestep. `cond`: the conditioning made
     beforehand (cached caption embeddings and the images' size conditioning, held_out.py), so no
-    text encoder runs here; default: the captions encoded now, for whole uncropped images."""
+    text encoder runs here; default: the captions encoded now, for whole uncropped images. `error`:
+    (prediction, target) -> the loss (default their mean squared error; held_out.py weighs data.masks)."""
     if cond is None:
         cond = {**family.encode_prompts(c, captions), **family.image_conditioning(c, uncropped_sizes(latents))}
     total = 0.0
@@ -31,5 +32,5 @@ def fixed_noise_loss(family, c, latents: torch.Tensor, captions: list[str], seed
         for _ in range(repeats):
             noisy, t, target = family.sample_noisy(c, latents, 0.0)
             pred = family.predict(c, noisy, t, cond)
-            total += F.mse_loss(pred.float(), target.float()).item()
+            total += (error(pred, target) if error else F.mse_loss(pred.float(), target.float())).item()
     return total / repeats

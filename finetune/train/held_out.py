@@ -10,7 +10,9 @@ step (what it decides, keep_best and early stopping, is decisions.py's).
   never runs a text encoder that has left. Only a method that trains the text encoder (its
   outputs change as it trains; it is never offloaded then) has its captions encoded when measured.
 - The loss is `evaluate.fixed_noise_loss` per image under that image's own seed, so the same
-  noise and timesteps every validation: two values differ only by what the model learned. The
+  noise and timesteps every validation: two values differ only by what the model learned; with
+  data.masks, weighted by each image's mask as training weighs it (a val_loss that counted the
+  background, which the run does not learn, would hide what it does learn on the subject). The
   main process measures, every process receives the value (every one must take the same
   keep_best and early-stopping decisions, which save checkpoints together).
 """
@@ -80,6 +82,7 @@ class HeldOutCache:
     sizes: dict  # key -> size conditioning (original_size, crop_top_left, target_size)
     captions: dict  # key -> caption as it trains (after the method's rewrite)
     text: object  # TextCache of the captions; None: encoded when measured (the text encoder trains)
+    masks: dict | None = None  # key -> data.masks mask on the latent grid; None: unmasked
 
 
 def cache_held_out(run, accelerator) -> HeldOutCache | None:
@@ -96,14 +99,15 @@ def cache_held_out(run, accelerator) -> HeldOutCache | None:
                                              "random_flip": False})
     ds = ImageCaptionDataset(run.held_out, cfg, seed=tr.seed)
     encode = lambda px: run.family.encode_images(run.c, px.to(accelerator.device))  # noqa: E731
-    latents, sizes = build_latent_cache(ds, encode, tr.seed + 2, WEIGHT_DTYPES[tr.mixed_precision], accelerator, None)
+    latents, sizes, masks = build_latent_cache(ds, encode, tr.seed + 2, WEIGHT_DTYPES[tr.mixed_precision], accelerator,
+                                               None, partial(run.family.latent_mask, run.c))
     captions = {e.key: run.method.prepare_caption(e.caption or "") for e in ds.examples}
     text = None
     if not run.method.trains_text_encoder:
         entries = build_text_cache(sorted(set(captions.values())), partial(encode_caption, run.family, run.c),
                                    accelerator, None)
         text = TextCache(entries, accelerator.device)
-    return HeldOutCache([e.key for e in ds.examples], latents, sizes, captions, text)
+    return HeldOutCache([e.key for e in ds.examples], latents, sizes, captions, text, masks or None)
 
 
 # ------------------------------------------------------------------ measuring, during training
@@ -152,7 +156,19 @@ class HeldOut:
             cond = {**text, **family.image_conditioning(t.c, {k: [v] for k, v in cache.sizes[key].items()})}
             with t.accelerator.autocast():
                 return fixed_noise_loss(family, t.c, latent, [caption], seed=_image_seed(tr.seed, i),
-                                        repeats=REPEATS, cond=cond)
+                                        repeats=REPEATS, cond=cond, error=self._error(key))
+
+    def _error(self, key: str):
+        """The image's loss as training weighs it: by its data.masks mask; None (plain MSE) without one."""
+        if self.cache.masks is None or key not in self.cache.masks:
+            return None
+        import torch.nn.functional as F
+
+        from .objective import masked_mean
+
+        mask, data = self.cache.masks[key][None].to(self.t.accelerator.device), self.t.run.recipe.data
+        return lambda pred, target: masked_mean(F.mse_loss(pred.float(), target.float(), reduction="none"), mask,
+                                                data.unmasked_weight, data.normalize_masked_loss).mean()
 
 
 def _image_seed(seed: int, i: int) -> int:

@@ -33,21 +33,39 @@ def vae_seeds(seed: int, draws: list[Draw]) -> list[int]:
     return [draw_seed(seed, d, _VAE) for d in draws]
 
 
-class BatchLoss:
-    """(weighted loss to back-propagate, sum of per-image losses, images) of one batch."""
+def masked_mean(err: torch.Tensor, mask: torch.Tensor, unmasked_weight: float, normalize: bool) -> torch.Tensor:
+    """Per-image mean of `err` (B, C, h, w) weighted by `mask` (B, 1, h', w' at least h x w: the latent grid
+    before `sample_noisy` cropped it to whole patches, so cropped alike here), black weighing
+    `unmasked_weight`. `normalize`: divided by the mean weight, a weighted mean (bounded by the largest
+    error; an image whose crop holds no white, at weight 0, adds 0)."""
+    mask = mask[..., :err.shape[-2], :err.shape[-1]].to(err)
+    weight = unmasked_weight + (1.0 - unmasked_weight) * mask
+    dims = list(range(1, err.ndim))
+    total = (err * weight).mean(dim=dims)
+    return total / weight.mean(dim=dims).clamp_min(1e-12) if normalize else total
 
-    def __init__(self, family, c, training, conditioning, autocast):
-        self.family, self.c, self.training = family, c, training
+
+class BatchLoss:
+    """(weighted loss to back-propagate, sum of per-image losses, images) of one batch. `data`: the recipe's
+    data section, whose unmasked_weight and normalize_masked_loss apply to batches that come with masks."""
+
+    def __init__(self, family, c, training, conditioning, autocast, data=None):
+        self.family, self.c, self.training, self.data = family, c, training, data
         self.conditioning, self.autocast = conditioning, autocast
 
-    def __call__(self, latents: torch.Tensor, batch: dict, captions: list[str]):
+    def __call__(self, latents: torch.Tensor, batch: dict, captions: list[str], masks: torch.Tensor | None = None):
+        """`masks`: (B, 1, h, w) weights on the latent grid (Family.latent_mask), or None: unmasked."""
         tr, family, c = self.training, self.family, self.c
         draws = batch["draw"]
         cond = {**self.conditioning(captions), **family.image_conditioning(c, batch)}
         noisy, timesteps, target = seeded_noisy(family, c, latents, draws, tr.seed, tr.noise_offset)
         with self.autocast():
             pred = family.predict(c, noisy, timesteps, cond)
-        per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+        err = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if masks is None:
+            per_image = err.mean(dim=list(range(1, pred.ndim)))
+        else:
+            per_image = masked_mean(err, masks, self.data.unmasked_weight, self.data.normalize_masked_loss)
         weights = family.loss_weights(c, timesteps, tr.min_snr_gamma)
         if weights is not None:
             per_image = per_image * weights

@@ -115,7 +115,9 @@ def attach_method(recipe, family, c, log):
     return method, groups
 
 
-def decide_caching(recipe, dataset, method) -> tuple[bool, bool]:
+def decide_caching(recipe, dataset, method, log=None) -> tuple[bool, bool]:
+    """(cache latents, cache text embeddings) as the recipe's "auto"/true/false and the data allow;
+    `log` hears why "auto" left the text uncached when the captions vary per step."""
     data = recipe.data
     latents = dataset.deterministic if data.cache_latents == "auto" else bool(data.cache_latents)
     if latents and not dataset.deterministic:
@@ -124,4 +126,13 @@ def decide_caching(recipe, dataset, method) -> tuple[bool, bool]:
     text = not method.trains_text_encoder if data.cache_text_embeddings == "auto" else bool(data.cache_text_embeddings)
     if text and method.trains_text_encoder:
         raise FinetuneError("data.cache_text_embeddings: cannot cache while the text encoder trains; set it to false or auto")
+    if text and data.captions_vary:
+        # The recipe's validator refuses an explicit true; "auto" turns off here, where the method is known.
+        if data.cache_text_embeddings is True:
+            raise FinetuneError("data.cache_text_embeddings: captions vary per step (data.shuffle_tags, "
+                                "data.tag_dropout); set it to auto or false")
+        text = False
+        if log is not None:
+            log("data.cache_text_embeddings: auto -> off: data.shuffle_tags/tag_dropout change the captions every "
+                "step, so the text encoder runs on each batch (slower, and it stays in memory)")
     return latents, text

@@ -15,6 +15,7 @@ import torch
 from . import checkpoint as ckpt
 from .distributed import any_process, per_process, summed
 from .decisions import Decisions
+from .ema import Ema
 from .held_out import HeldOut
 from .peak import watch_memory
 from .steps import NonFinite, Window
@@ -95,6 +96,7 @@ class Trainer:
                                  text_encoders={n: swap.get(id(t), t) for n, t in self.c.text_encoders.items()})
         self.wrapped = wrapped
         self.params = [p for g in r.groups for p in g["params"]]
+        self.ema = Ema(self.tr.ema, r.groups, a.device, self.log)  # training.ema; inert when off
         ckpt.register_param_hooks(a, r.groups)
         self.batch_loss = self.feed.batch_loss(self.forward_c)
         if r.resume_from is not None:
@@ -131,6 +133,7 @@ class Trainer:
         self.state = ckpt.read_trainer_state(folder)
         self.state.data = {}  # recorded afresh at the next save: the data may have changed (--allow-changed-data)
         self.method.load_state_dict(self.state.method, self.c)
+        self.ema.load_checkpoint(folder)
         if self.accelerator.is_main_process:
             ckpt.discard_after(self.run.run_dir, folder, self.state.step)
         self.log(f"resuming from {folder} at step {self.state.step} (epoch {self.state.epoch}, "
@@ -213,6 +216,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if a.sync_gradients:
                 self.method.after_step(self.c)
+                self.ema.after_step(self.state.step + 1)  # end_step counts this step
 
     def end_step(self, epoch: int) -> RunResult | None:
         """After an optimizer step: metrics, samples and checkpoints as the recipe asks; a RunResult
@@ -251,16 +255,22 @@ class Trainer:
     def validation(self, step: int, end: bool = False) -> bool:
         """Sample, measure the samples and the held-out images, then decide (keep_best, early stopping) on
         what this step measured; True when early stopping ends the run here."""
-        written = self.validate(step)
-        self.samples += written
-        self.validated = (step, written)
-        values = {**self.sample_metrics.measure(step, written), **self.held_out.measure(step)}
+        from .optim import averaged
+
+        # A schedule-free optimizer's averaged weights are measured, the ones its files hold; the decisions
+        # (which may save a checkpoint, whose state/ must hold the trained weights) come after.
+        with averaged(self.optimizer):
+            written = self.validate(step)
+            self.samples += written
+            self.validated = (step, written)
+            values = {**self.sample_metrics.measure(step, written), **self.held_out.measure(step)}
         return self.decisions.decide(step, values, end=end)
 
     def validate(self, step: int) -> list[Path]:
         """Sample the validation prompts with the model as it is now (main process; the others wait)."""
         from ..hooks import Provenance
         from .memory import classifiers_on, onloaded
+        from .optim import averaged
         from .sampling import Destination, Sampling, emit_images
 
         v, r, a = self.recipe.validation, self.run, self.accelerator
@@ -281,8 +291,9 @@ class Trainer:
                                     provenance=Provenance(prompt="", base_model=r.source.label, run=r.run_name,
                                                           kind=f"validation step {step}"))
                 # Sampled from the embeddings made before the text encoders left: only the VAE returns.
-                with onloaded(self.offloaded, ["VAE"]), classifiers_on(r.output_hooks, a.device):
-                    written = emit_images(pipe, v.prompts, how, where)
+                with onloaded(self.offloaded, ["VAE"]), classifiers_on(r.output_hooks, a.device), \
+                        averaged(self.optimizer):  # a schedule-free optimizer's averaged weights
+                    written = self.ema.validation_samples(lambda dest: emit_images(pipe, v.prompts, how, dest), where)
             finally:
                 for m in self.trainable:
                     m.train()
@@ -290,6 +301,8 @@ class Trainer:
         return written
 
     def save_checkpoint(self) -> Path:
+        from .optim import averaged
+
         r, a = self.run, self.accelerator
         if self.last_saved and self.last_saved[0] == self.state.step:  # keep_best saved this step already
             return self.last_saved[1]
@@ -298,8 +311,15 @@ class Trainer:
 
         def write_main(tmp: Path) -> None:
             self.method.save(self.c, tmp, self.recipe.output, r.run_name)  # usable on their own, like the final files
+            self.ema.write_checkpoint(tmp, lambda folder: self.method.save(self.c, folder, self.recipe.output, r.run_name))
 
-        saved = ckpt.save(a, folder, self.state, (lambda tmp: a.save_state(str(tmp / ckpt.STATE)), write_main),
+        def write_averaged(tmp: Path) -> None:
+            # After state/ (written first) took the trained weights, which a resume continues from: the
+            # files, like the final ones, are a schedule-free optimizer's averaged weights.
+            with averaged(self.optimizer):
+                write_main(tmp)
+
+        saved = ckpt.save(a, folder, self.state, (lambda tmp: a.save_state(str(tmp / ckpt.STATE)), write_averaged),
                           ckpt.estimate_size(folder, r.groups), self.recipe.output.keep_last_checkpoints)
         self.last_saved = (self.state.step, saved)
         return saved
@@ -315,9 +335,13 @@ class Trainer:
         """The final files, samples and model card, written by the main process."""
         from ..export.model_card import write_model_card
         from ..export.plots import write_plots
+        from .optim import final_weights
 
         r, a, st = self.run, self.accelerator, self.state
+        final_weights(self.optimizer)  # schedule-free: the averaged weights, for the files, samples and caller
         files = self.method.save(self.c, r.run_dir, self.recipe.output, r.run_name) if a.is_main_process else []
+        if a.is_main_process:  # the same files again, averaged, into ema/
+            self.ema.write_files(lambda folder: self.method.save(self.c, folder, self.recipe.output, r.run_name), r.run_dir)
         if self.validated[0] != st.step:  # early stopping validated this step already
             self.validation(st.step, end=True)  # before the card, which names the best checkpoint
         final_samples = self.validated[1]

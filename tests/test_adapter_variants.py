@@ -1,0 +1,273 @@
+"""LoHa, LoKr, DoRA and LoCon on the tiny SD1.5 and SDXL: each trains (the adapter lowers the fixed-noise loss),
+its ComfyUI/webui file holds exactly the keys ComfyUI's loader reads, on module names ComfyUI maps, and applied
+the way ComfyUI applies it gives the weights that trained; diffusers loads the variants it supports to the same
+model and refuses nothing silently; a variant a family cannot take is refused before anything loads.
+
+What ComfyUI reads, per module `x` (comfy/lora.py `load_lora`, comfy/weight_adapter/lora.py, loha.py, lokr.py,
+base.py `weight_decompose`), each with an optional `x.alpha`:
+- LoRA/LoCon: `x.lora_up.weight`, `x.lora_down.weight`; delta = alpha / rank * up @ down (rank = down's rows).
+- DoRA: the same plus `x.dora_scale`; with dora_scale [out, 1] ComfyUI normalises by the output axis.
+- LoHa: `x.hada_w1_a`, `x.hada_w1_b`, `x.hada_w2_a`, `x.hada_w2_b`; delta = (w1a @ w1b) * (w2a @ w2b) * alpha / rank
+  (rank = hada_w1_b's rows).
+- LoKr: `x.lokr_w1` or `x.lokr_w1_a` + `x.lokr_w1_b`; `x.lokr_w2` or `x.lokr_w2_a` + `x.lokr_w2_b`;
+  delta = kron(w1, w2) * alpha / dim where dim is a decomposed factor's inner size, * 1 when both are full.
+Module names: SD1.x `lora_unet_<diffusers weight path>` (comfy/lora.py `model_lora_keys_unet`, its
+`unet_to_diffusers` map covers every UNet weight), SDXL `lora_unet_<original (SGM) weight path>` (the same
+function's first loop, over the checkpoint's own keys), FLUX.1 `lycoris_<diffusers module path>` (its FLUX
+branch: SimpleTuner's LyCORIS names, each mapped to its rows of BFL's fused weight, where the adapter applies).
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.errors import RecipeError
+from finetune.recipe import validate
+
+from .helpers import TinyPipeline, latents_and_captions, make_image_folder, tiny_model_fixture, tiny_recipe, train_quietly
+from .test_flux import INNER as FLUX_INNER
+from .test_flux import PIPELINE as FLUX_PIPELINE
+from .test_flux import _comfyui_targets as flux_comfyui_targets
+
+LORA_KEYS = {"lora_down.weight", "lora_up.weight", "alpha"}
+EXPECTED = {  # per variant: the key sets a module may have, from ComfyUI's loaders above
+    "loha": [{"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}],
+    "lokr": [{"lokr_w1", "lokr_w2"}, {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"},
+             {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "alpha"}],
+    "dora": [LORA_KEYS | {"dora_scale"}],
+    "locon": [LORA_KEYS],
+}
+# rank 4 on 32-wide layers leaves LoKr's factors full (alpha folded in); rank 2 with decompose_both splits them.
+SECTIONS = {
+    "loha": {"variant": "loha", "rank": 4, "alpha": 2},
+    "lokr": {"variant": "lokr", "rank": 4, "alpha": 2},
+    "lokr-decomposed": {"variant": "lokr", "rank": 2, "alpha": 1, "decompose_both": True},
+    "dora": {"dora": True, "rank": 4, "alpha": 2},
+    "locon": {"conv_rank": 4, "conv_alpha": 2, "rank": 4, "alpha": 8},
+}
+STEPS, RATES = 12, {"loha": 3e-2, "lokr": 3e-2, "lokr-decomposed": 3e-2}
+CASES = ([("sd1", v) for v in ("loha", "lokr", "dora", "locon")]
+         + [("sdxl", v) for v in ("loha", "lokr-decomposed", "dora", "locon")]
+         + [("flux", v) for v in ("loha", "lokr", "dora")])
+PIPELINES = {"sd1": TinyPipeline("StableDiffusionPipeline"),
+             "sdxl": TinyPipeline("StableDiffusionXLPipeline"), "flux": FLUX_PIPELINE}
+
+tiny_sdxl = tiny_model_fixture("sdxl.build_tiny_sdxl", "tiny-sdxl")
+tiny_flux = tiny_model_fixture("flux.build_tiny_flux", "tiny-flux")
+
+
+@pytest.fixture(scope="module")
+def models(tiny_sd15, tiny_sdxl, tiny_flux):
+    return {"sd1": tiny_sd15, "sdxl": tiny_sdxl, "flux": tiny_flux}
+
+
+@pytest.fixture(scope="module")
+def runs(models, tmp_path_factory, one_torch_thread):
+    """Each case trained once: a few steps at a high rate on four 64 px images."""
+    done = {}
+
+    def get(family, variant):
+        if (family, variant) not in done:
+            tmp = tmp_path_factory.mktemp(f"{family}-{variant}")
+            data = make_image_folder(tmp / "data", n=4, sizes=((64, 64),))
+            r = tiny_recipe(models[family], data, tmp / "out", training__max_steps=STEPS, training__batch_size=4,
+                            training__learning_rate=RATES.get(variant, 5e-3))
+            r["method"].update(SECTIONS[variant])
+            done[family, variant] = (train_quietly(r), data)
+        return done[family, variant]
+
+    return get
+
+
+def _adapted(denoiser):
+    """name -> peft layer of every adapted module of the trained denoiser."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {n: m for n, m in denoiser.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def _kohya_names(family, denoiser, modules):
+    """diffusers module path -> its name in the kohya file (SDXL: the original layout's; FLUX: SimpleTuner's
+    LyCORIS names, `lycoris_<diffusers module>`)."""
+    if family == "flux":
+        return {m: "lycoris_" + m.replace(".", "_") for m in modules}
+    if family == "sd1":
+        return {m: "lora_unet_" + m.replace(".", "_") for m in modules}
+    from finetune.export.single_file import rename_modules, unet_module_map
+
+    renamed = rename_modules({m + ".w": 0 for m in modules}, unet_module_map(denoiser), "test")
+    return {m: "lora_unet_" + k[:-2].replace(".", "_") for m, k in zip(modules, renamed)}
+
+
+def _comfyui_names(family, denoiser):
+    """Every name ComfyUI maps to a weight of this denoiser (the rules in the module docstring)."""
+    if family == "flux":  # the FLUX branch: `lycoris_<diffusers module>` for every module flux_to_diffusers maps
+        return {"lycoris_" + m.replace(".", "_") for m in flux_comfyui_targets(2, 2, FLUX_INNER)}
+    weights = [k[:-len(".weight")] for k in denoiser.state_dict() if k.endswith(".weight") and "lora_" not in k
+               and "hada_" not in k and "lokr_" not in k and ".base_layer" not in k]
+    weights += [k[:-len(".base_layer.weight")] for k in denoiser.state_dict() if k.endswith(".base_layer.weight")]
+    if family == "sdxl":
+        from finetune.export.single_file import rename_modules, unet_module_map
+
+        weights = [k[:-2] for k in rename_modules({w + ".w": 0 for w in weights}, unet_module_map(denoiser), "t")]
+    return {"lora_unet_" + w.replace(".", "_") for w in weights}
+
+
+def _comfyui_delta(keys: dict, weight: torch.Tensor) -> torch.Tensor:
+    """What ComfyUI adds to `weight` for one module's keys (LoRA, LoHa, LoKr), by the formulas above."""
+    alpha = keys["alpha"].item() if "alpha" in keys else None
+    if "lora_up.weight" in keys:
+        up, down = keys["lora_up.weight"], keys["lora_down.weight"]
+        return (alpha / down.shape[0]) * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+    if "hada_w1_a" in keys:
+        m1, m2 = keys["hada_w1_a"] @ keys["hada_w1_b"], keys["hada_w2_a"] @ keys["hada_w2_b"]
+        return ((m1 * m2) * (alpha / keys["hada_w1_b"].shape[0])).reshape(weight.shape)
+    dim = None
+    w1 = keys.get("lokr_w1")
+    if w1 is None:
+        dim, w1 = keys["lokr_w1_b"].shape[0], keys["lokr_w1_a"] @ keys["lokr_w1_b"]
+    w2 = keys.get("lokr_w2")
+    if w2 is None:
+        dim, w2 = keys["lokr_w2_b"].shape[0], keys["lokr_w2_a"] @ keys["lokr_w2_b"]
+    if w2.ndim == 4:
+        w1 = w1[:, :, None, None]
+    scale = alpha / dim if alpha is not None and dim is not None else 1.0
+    return scale * torch.kron(w1, w2).reshape(weight.shape)
+
+
+def _dora(weight, merged, scale, output_norm_of):
+    """DoRA on the output axis: merged * dora_scale / ||output_norm_of|| per output row."""
+    norm = output_norm_of.reshape(output_norm_of.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (weight.ndim - 1))
+    return merged * scale / norm
+
+
+@pytest.mark.parametrize("family,variant", CASES)
+def test_variant_trains_and_its_comfyui_file_applies_as_trained(runs, family, variant):
+    result, data = runs(family, variant)
+    c = result.components
+    from finetune.families import get_family
+    from finetune.train.evaluate import fixed_noise_loss
+
+    fam = get_family(family)
+    latents, captions = latents_and_captions(fam, c, data)
+    after = fixed_noise_loss(fam, c, latents, captions)
+    c.denoiser.disable_adapters()
+    before = fixed_noise_loss(fam, c, latents, captions)
+    c.denoiser.enable_adapters()
+    # The tiny SDXL has attention only at its two smallest levels: a few steps move its loss less.
+    assert after < (0.99 if family == "sdxl" else 0.97) * before, (before, after)
+
+    kohya = load_file(result.run_dir / "run.safetensors")
+    layers = _adapted(c.denoiser)
+    names = _kohya_names(family, c.denoiser, list(layers))
+    by_module = {}
+    for key, value in kohya.items():
+        name, suffix = key.split(".", 1)
+        by_module.setdefault(name, {})[suffix] = value
+    assert set(by_module) == set(names.values())  # every adapted module, nothing else
+    assert set(by_module) <= _comfyui_names(family, c.denoiser)
+    kind = variant.split("-")[0]
+    assert all(set(keys) in EXPECTED[kind] for keys in by_module.values()), {frozenset(k) for k in by_module.values()}
+    if kind == "locon":
+        convs = [k for k in by_module.values() if k["lora_down.weight"].ndim == 4 and k["lora_down.weight"].shape[-1] == 3]
+        assert convs and all(k["alpha"].item() == 2 for k in convs)  # conv_alpha, not alpha
+    worst = 0.0
+    for module, layer in layers.items():
+        keys, weight = by_module[names[module]], layer.get_base_layer().weight.detach()
+        merged = copy.deepcopy(layer)
+        merged.merge(adapter_names=["default"])
+        trained = merged.get_base_layer().weight.detach()
+        if kind == "dora":
+            adapted = weight + _comfyui_delta({k: v for k, v in keys.items() if k != "dora_scale"}, weight)
+            torch.testing.assert_close(_dora(weight, adapted, keys["dora_scale"], adapted), trained, rtol=1e-5, atol=1e-6)
+            comfy_today = _dora(weight, adapted, keys["dora_scale"], weight)  # its output-axis branch: ||W||
+            worst = max(worst, float((comfy_today - trained).abs().max() / trained.abs().max()))
+        else:
+            torch.testing.assert_close(weight + _comfyui_delta(keys, weight), trained, rtol=1e-5, atol=1e-6)
+    if kind == "dora":
+        print(f"{family} DoRA as ComfyUI applies it today: max relative weight difference {worst:.2e}")
+
+
+@pytest.mark.parametrize("family,variant", CASES)
+def test_diffusers_loads_the_variants_it_supports_as_trained(runs, models, family, variant):
+    result, _ = runs(family, variant)
+    run = result.run_dir
+    card = (run / "README.md").read_text()
+    if variant == "loha":
+        assert not (run / "pytorch_lora_weights.safetensors").exists()
+        assert "diffusers has no LoHa loader" in card
+        return
+    pipeline = PIPELINES[family]
+    pipe = pipeline.load(models[family])
+    plain = pipeline.image(pipe)
+    if variant.startswith("lokr"):  # diffusers' pipelines read LoRA keys only; its models read LoKr too
+        component = "transformer" if family == "flux" else "unet"
+        assert f"pipe.{component}.load_lora_adapter({str(run)!r}" in card
+        getattr(pipe, component).load_lora_adapter(str(run), weight_name="pytorch_lora_weights.safetensors",
+                                                   prefix=component)
+    else:
+        pipe.load_lora_weights(str(run))
+    loaded = pipeline.image(pipe)
+    assert np.abs(loaded - plain).max() > 1e-3, "the adapter did not change the output"
+    c = result.components
+    trained = pipeline.image(c.pipeline)
+    assert np.abs(loaded - trained).max() < 1e-4  # the file is the model that trained
+    assert "load_lora_weights" in card or "load_lora_adapter" in card
+
+
+@pytest.mark.parametrize("section,key", [
+    ({"variant": "loha", "dora": True}, "method.dora"),
+    ({"variant": "lokr", "train_text_encoder": True}, "method.train_text_encoder"),
+    ({"variant": "lora", "decompose_both": True}, "method.decompose_both"),
+    ({"conv_alpha": 4}, "method.conv_alpha"),
+])
+def test_variant_options_that_do_not_go_together_are_refused(tmp_path, section, key):
+    r = tiny_recipe("builtin:tiny-sd15", tmp_path, tmp_path / "out")
+    r["method"].update(section)
+    with pytest.raises(RecipeError) as e:
+        validate(r, "recipe.yaml")
+    assert key in str(e.value)
+
+
+@pytest.mark.parametrize("family,section,key", [("sd3", {"variant": "lokr"}, "method.variant"),
+                                                ("qwen_image", {"dora": True}, "method.dora"),
+                                                ("flux", {"conv_rank": 4}, "method.conv_rank")])
+def test_a_family_without_the_exporter_refuses_the_variant_before_loading(tmp_path, family, section, key):
+    from finetune.families import get_family
+
+    r = tiny_recipe("builtin:tiny-sd15", tmp_path, tmp_path / "out")
+    r["method"].update(section)
+    fam = get_family(family)
+    why = fam.method_problem(validate(r, "recipe.yaml").method)
+    assert why.split(":")[0] == key and fam.title in why
+
+
+def test_loha_with_only_the_diffusers_format_is_refused(tmp_path):
+    r = tiny_recipe("builtin:tiny-sd15", tmp_path, tmp_path / "out", output__formats=["diffusers"])
+    r["method"]["variant"] = "loha"
+    with pytest.raises(RecipeError, match="output.formats"):
+        validate(r, "recipe.yaml")
+
+
+def test_generate_loads_a_lokr_run_through_the_model_level_loader(runs, models):
+    """`finetune generate --lora RUN` with a LoKr run: the pipeline's loader refuses LoKr keys, the UNet's reads them."""
+    from finetune.generate import _load_lora
+
+    result, _ = runs("sd1", "lokr")
+    pipeline = PIPELINES["sd1"]
+    pipe = pipeline.load(models["sd1"])
+    plain = pipeline.image(pipe)
+    _load_lora(pipe, result.run_dir, "lokr", "tiny-sd15")
+    assert "lokr" in pipe.get_list_adapters()["unet"]
+    assert np.abs(pipeline.image(pipe) - pipeline.image(result.components.pipeline)).max() < 1e-4
+    assert np.abs(pipeline.image(pipe) - plain).max() > 1e-3
+
+
+def test_variants_on_a_quantized_or_float8_base_are_refused(tmp_path):
+    r = tiny_recipe("builtin:tiny-sd15", tmp_path, tmp_path / "out")
+    r["method"]["variant"], r["memory"] = "lokr", {"quantize_base": "torchao-int8"}
+    with pytest.raises(RecipeError, match="method.variant: not with a float8 or quantized base"):
+        validate(r, "recipe.yaml")
