@@ -43,6 +43,10 @@ def train(recipe, recipe_path: Path | None = None, log: Callable[[str], None] = 
     examples, held_out = split_examples(recipe, examples, base_dir, log)  # held-out images never train
     dataset = ImageCaptionDataset(examples, recipe.data, seed=recipe.training.seed)
     log(f"data: {len(examples)} images x {recipe.data.repeats} repeats from {recipe.data.path}")
+    if recipe.data.masks:
+        masked = sum(bool(getattr(e, "masked", False)) for e in examples)
+        log(f"masks: {masked} of {len(examples)} images weighted by data.masks ({recipe.data.masks})"
+            + ("" if masked == len(examples) else "; the others train unmasked (named above)"))
 
     # The folder is this run's (created, or locked for a resume) before any model loads.
     run_dir, run_name, resume_from, lock = _claim(state, recipe, recipe_path, resume, log,

@@ -103,6 +103,7 @@ def attach_method(recipe, family, c, log):
     from diffusers.training_utils import cast_training_params
 
     from ..methods import get_method
+    from ..methods.adapters import is_plain, title
     from .memory import apply_memory_options
 
     tr = recipe.training
@@ -111,7 +112,10 @@ def attach_method(recipe, family, c, log):
     if WEIGHT_DTYPES[tr.mixed_precision] != torch.float32:
         cast_training_params(method.trainable_modules(c), dtype=torch.float32)
     apply_memory_options(c, method, recipe, log)
-    log(f"method {recipe.method.type}: {method.trainable_parameter_count(groups):,} trainable parameters")
+    kind = recipe.method.type
+    if hasattr(recipe.method, "variant") and not is_plain(recipe.method):
+        kind += f" ({title(recipe.method)})"
+    log(f"method {kind}: {method.trainable_parameter_count(groups):,} trainable parameters")
     return method, groups
 
 
