@@ -14,7 +14,8 @@ base.py `weight_decompose`), each with an optional `x.alpha`:
 Module names: SD1.x `lora_unet_<diffusers weight path>` (comfy/lora.py `model_lora_keys_unet`, its
 `unet_to_diffusers` map covers every UNet weight), SDXL `lora_unet_<original (SGM) weight path>` (the same
 function's first loop, over the checkpoint's own keys), FLUX.1 `lycoris_<diffusers module path>` (its FLUX
-branch: SimpleTuner's LyCORIS names, each mapped to its rows of BFL's fused weight, where the adapter applies).
+branch: SimpleTuner's LyCORIS names, each mapped to its rows of BFL's fused weight, where the adapter applies),
+Qwen-Image `lora_unet_<diffusers module path>` (the first loop again: its weights have diffusers' names).
 """
 
 import copy
@@ -27,7 +28,8 @@ from safetensors.torch import load_file
 from finetune.errors import RecipeError
 from finetune.recipe import validate
 
-from .helpers import TinyPipeline, latents_and_captions, make_image_folder, tiny_model_fixture, tiny_recipe, train_quietly
+from .helpers import (TinyPipeline, latents_and_captions, make_image_folder, real_kohya_names, tiny_model_fixture,
+                      tiny_recipe, train_quietly)
 from .test_flux import INNER as FLUX_INNER
 from .test_flux import PIPELINE as FLUX_PIPELINE
 from .test_flux import _comfyui_targets as flux_comfyui_targets
@@ -51,17 +53,18 @@ SECTIONS = {
 STEPS, RATES = 12, {"loha": 3e-2, "lokr": 3e-2, "lokr-decomposed": 3e-2}
 CASES = ([("sd1", v) for v in ("loha", "lokr", "dora", "locon")]
          + [("sdxl", v) for v in ("loha", "lokr-decomposed", "dora", "locon")]
-         + [("flux", v) for v in ("loha", "lokr", "dora")])
-PIPELINES = {"sd1": TinyPipeline("StableDiffusionPipeline"),
-             "sdxl": TinyPipeline("StableDiffusionXLPipeline"), "flux": FLUX_PIPELINE}
+         + [(f, v) for f in ("flux", "qwen_image") for v in ("loha", "lokr", "dora")])
+PIPELINES = {"sd1": TinyPipeline("StableDiffusionPipeline"), "sdxl": TinyPipeline("StableDiffusionXLPipeline"),
+             "flux": FLUX_PIPELINE, "qwen_image": TinyPipeline("QwenImagePipeline", true_cfg_scale=1.0)}
 
 tiny_sdxl = tiny_model_fixture("sdxl.build_tiny_sdxl", "tiny-sdxl")
 tiny_flux = tiny_model_fixture("flux.build_tiny_flux", "tiny-flux")
+tiny_qwen = tiny_model_fixture("qwen_image.build_tiny_qwen_image", "tiny-qwen-image")
 
 
 @pytest.fixture(scope="module")
-def models(tiny_sd15, tiny_sdxl, tiny_flux):
-    return {"sd1": tiny_sd15, "sdxl": tiny_sdxl, "flux": tiny_flux}
+def models(tiny_sd15, tiny_sdxl, tiny_flux, tiny_qwen):
+    return {"sd1": tiny_sd15, "sdxl": tiny_sdxl, "flux": tiny_flux, "qwen_image": tiny_qwen}
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +97,8 @@ def _kohya_names(family, denoiser, modules):
     LyCORIS names, `lycoris_<diffusers module>`)."""
     if family == "flux":
         return {m: "lycoris_" + m.replace(".", "_") for m in modules}
+    if family == "qwen_image":
+        return {m: "lora_unet_" + m.replace(".", "_") for m in modules}
     if family == "sd1":
         return {m: "lora_unet_" + m.replace(".", "_") for m in modules}
     from finetune.export.single_file import rename_modules, unet_module_map
@@ -106,6 +111,8 @@ def _comfyui_names(family, denoiser):
     """Every name ComfyUI maps to a weight of this denoiser (the rules in the module docstring)."""
     if family == "flux":  # the FLUX branch: `lycoris_<diffusers module>` for every module flux_to_diffusers maps
         return {"lycoris_" + m.replace(".", "_") for m in flux_comfyui_targets(2, 2, FLUX_INNER)}
+    if family == "qwen_image":  # `lora_unet_<weight>`: its weights have diffusers' names (musubi-tuner's list)
+        return real_kohya_names("qwen_image")
     weights = [k[:-len(".weight")] for k in denoiser.state_dict() if k.endswith(".weight") and "lora_" not in k
                and "hada_" not in k and "lokr_" not in k and ".base_layer" not in k]
     weights += [k[:-len(".base_layer.weight")] for k in denoiser.state_dict() if k.endswith(".base_layer.weight")]
@@ -157,8 +164,8 @@ def test_variant_trains_and_its_comfyui_file_applies_as_trained(runs, family, va
     c.denoiser.disable_adapters()
     before = fixed_noise_loss(fam, c, latents, captions)
     c.denoiser.enable_adapters()
-    # The tiny SDXL has attention only at its two smallest levels: a few steps move its loss less.
-    assert after < (0.99 if family == "sdxl" else 0.97) * before, (before, after)
+    # 12 steps: the tiny SDXL (attention only at its two smallest levels) and Qwen-Image move less in them.
+    assert after < (0.99 if family in ("sdxl", "qwen_image") else 0.97) * before, (before, after)
 
     kohya = load_file(result.run_dir / "run.safetensors")
     layers = _adapted(c.denoiser)
@@ -204,7 +211,7 @@ def test_diffusers_loads_the_variants_it_supports_as_trained(runs, models, famil
     pipe = pipeline.load(models[family])
     plain = pipeline.image(pipe)
     if variant.startswith("lokr"):  # diffusers' pipelines read LoRA keys only; its models read LoKr too
-        component = "transformer" if family == "flux" else "unet"
+        component = "unet" if family in ("sd1", "sdxl") else "transformer"
         assert f"pipe.{component}.load_lora_adapter({str(run)!r}" in card
         getattr(pipe, component).load_lora_adapter(str(run), weight_name="pytorch_lora_weights.safetensors",
                                                    prefix=component)
@@ -233,7 +240,7 @@ def test_variant_options_that_do_not_go_together_are_refused(tmp_path, section, 
 
 
 @pytest.mark.parametrize("family,section,key", [("sd3", {"variant": "lokr"}, "method.variant"),
-                                                ("qwen_image", {"dora": True}, "method.dora"),
+                                                ("z_image", {"dora": True}, "method.dora"),
                                                 ("flux", {"conv_rank": 4}, "method.conv_rank")])
 def test_a_family_without_the_exporter_refuses_the_variant_before_loading(tmp_path, family, section, key):
     from finetune.families import get_family

@@ -74,6 +74,9 @@ class QwenImageFamily(FlowFamily):
                    "embeddings, and Qwen-Image's text encoder stays frozen)",
     }
     lora_targets = LORA_TARGETS
+    # ComfyUI names Qwen-Image's weights as diffusers does and maps `lora_unet_<weight>` for every one of
+    # them, whatever the adapter under it (comfy/lora.py `model_lora_keys_unet`, its first loop).
+    adapter_variants = frozenset({"loha", "lokr", "dora"})
     text_encoder_lora_targets: list[str] = []
     kohya_text_encoder_prefixes: dict[str, str] = {}
     kohya_base_model_version = "qwen_image"  # musubi-tuner's ss_base_model_version (ARCHITECTURE_QWEN_IMAGE_FULL)
@@ -193,7 +196,8 @@ class QwenImageFamily(FlowFamily):
 
     def kohya_lora(self, denoiser_state, text_encoder_states, denoiser_alpha, text_encoder_alphas):
         """musubi-tuner's layout: `lora_unet_` + diffusers' module name with "." -> "_" (ComfyUI's names
-        are diffusers'); no text-encoder part exists."""
+        are diffusers'); no text-encoder part exists. Nothing is fused, so LoHa, LoKr and DoRA take the
+        same names (`export/lycoris.py`)."""
         from ..export.lora import peft_to_kohya
 
         if any(s for s in (text_encoder_states or {}).values()):
