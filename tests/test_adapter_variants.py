@@ -15,7 +15,8 @@ Module names: SD1.x `lora_unet_<diffusers weight path>` (comfy/lora.py `model_lo
 `unet_to_diffusers` map covers every UNet weight), SDXL `lora_unet_<original (SGM) weight path>` (the same
 function's first loop, over the checkpoint's own keys), FLUX.1 `lycoris_<diffusers module path>` (its FLUX
 branch: SimpleTuner's LyCORIS names, each mapped to its rows of BFL's fused weight, where the adapter applies),
-Qwen-Image `lora_unet_<diffusers module path>` (the first loop again: its weights have diffusers' names).
+Qwen-Image `lora_unet_<diffusers module path>` (the first loop again: its weights have diffusers' names),
+Z-Image `lycoris_<diffusers module path>` (its Lumina2 branch, through z_image_to_diffusers onto the fused rows).
 """
 
 import copy
@@ -53,18 +54,20 @@ SECTIONS = {
 STEPS, RATES = 12, {"loha": 3e-2, "lokr": 3e-2, "lokr-decomposed": 3e-2}
 CASES = ([("sd1", v) for v in ("loha", "lokr", "dora", "locon")]
          + [("sdxl", v) for v in ("loha", "lokr-decomposed", "dora", "locon")]
-         + [(f, v) for f in ("flux", "qwen_image") for v in ("loha", "lokr", "dora")])
+         + [(f, v) for f in ("flux", "qwen_image", "z_image") for v in ("loha", "lokr", "dora")])
 PIPELINES = {"sd1": TinyPipeline("StableDiffusionPipeline"), "sdxl": TinyPipeline("StableDiffusionXLPipeline"),
-             "flux": FLUX_PIPELINE, "qwen_image": TinyPipeline("QwenImagePipeline", true_cfg_scale=1.0)}
+             "flux": FLUX_PIPELINE, "qwen_image": TinyPipeline("QwenImagePipeline", true_cfg_scale=1.0),
+             "z_image": TinyPipeline("ZImagePipeline", guidance_scale=0.0)}
 
 tiny_sdxl = tiny_model_fixture("sdxl.build_tiny_sdxl", "tiny-sdxl")
 tiny_flux = tiny_model_fixture("flux.build_tiny_flux", "tiny-flux")
 tiny_qwen = tiny_model_fixture("qwen_image.build_tiny_qwen_image", "tiny-qwen-image")
+tiny_z_image = tiny_model_fixture("z_image.build_tiny_z_image", "tiny-z-image")
 
 
 @pytest.fixture(scope="module")
-def models(tiny_sd15, tiny_sdxl, tiny_flux, tiny_qwen):
-    return {"sd1": tiny_sd15, "sdxl": tiny_sdxl, "flux": tiny_flux, "qwen_image": tiny_qwen}
+def models(tiny_sd15, tiny_sdxl, tiny_flux, tiny_qwen, tiny_z_image):
+    return {"sd1": tiny_sd15, "sdxl": tiny_sdxl, "flux": tiny_flux, "qwen_image": tiny_qwen, "z_image": tiny_z_image}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +98,7 @@ def _adapted(denoiser):
 def _kohya_names(family, denoiser, modules):
     """diffusers module path -> its name in the kohya file (SDXL: the original layout's; FLUX: SimpleTuner's
     LyCORIS names, `lycoris_<diffusers module>`)."""
-    if family == "flux":
+    if family in ("flux", "z_image"):
         return {m: "lycoris_" + m.replace(".", "_") for m in modules}
     if family == "qwen_image":
         return {m: "lora_unet_" + m.replace(".", "_") for m in modules}
@@ -113,6 +116,11 @@ def _comfyui_names(family, denoiser):
         return {"lycoris_" + m.replace(".", "_") for m in flux_comfyui_targets(2, 2, FLUX_INNER)}
     if family == "qwen_image":  # `lora_unet_<weight>`: its weights have diffusers' names (musubi-tuner's list)
         return real_kohya_names("qwen_image")
+    if family == "z_image":  # the Lumina2 branch: `lycoris_<diffusers module>` for what z_image_to_diffusers maps
+        from finetune.families.z_image import _BLOCK, _QKV
+
+        blocks = [f"{b}.{i}" for b in ("layers", "noise_refiner", "context_refiner") for i in range(4)]
+        return {"lycoris_" + f"{b}.{m}".replace(".", "_") for b in blocks for m in [*_QKV, *_BLOCK]}
     weights = [k[:-len(".weight")] for k in denoiser.state_dict() if k.endswith(".weight") and "lora_" not in k
                and "hada_" not in k and "lokr_" not in k and ".base_layer" not in k]
     weights += [k[:-len(".base_layer.weight")] for k in denoiser.state_dict() if k.endswith(".base_layer.weight")]
@@ -240,7 +248,7 @@ def test_variant_options_that_do_not_go_together_are_refused(tmp_path, section, 
 
 
 @pytest.mark.parametrize("family,section,key", [("sd3", {"variant": "lokr"}, "method.variant"),
-                                                ("z_image", {"dora": True}, "method.dora"),
+                                                ("flux2", {"dora": True}, "method.dora"),
                                                 ("flux", {"conv_rank": 4}, "method.conv_rank")])
 def test_a_family_without_the_exporter_refuses_the_variant_before_loading(tmp_path, family, section, key):
     from finetune.families import get_family

@@ -25,7 +25,9 @@ for Lumina2 models, diffusers' names through comfy/utils.py z_image_to_diffusers
 (ai-toolkit's `diffusion_model.layers.0.attention.to_q.lora_A.weight` files load that way). It does not
 map kohya names made from diffusers' (`lora_unet_layers_0_attention_to_q`: musubi-tuner's own output,
 which its networks/convert_z_image_lora_to_comfy.py fuses into the layout written here). diffusers'
-ZImagePipeline.load_lora_weights reads this layout too (its converter splits the fused qkv).
+ZImagePipeline.load_lora_weights reads this layout too (its converter splits the fused qkv). LoHa, LoKr and
+DoRA cannot be fused: their files keep diffusers' names as `lycoris_<module>`, which the current
+model_lora_keys_unet maps for Lumina2 models through the same z_image_to_diffusers.
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ class ZImageFamily(FlowFamily):
                    "we; train a lora with a trigger word in the captions instead",
     }
     lora_targets = LORA_TARGETS
+    # LoHa, LoKr and DoRA name diffusers' modules, `lycoris_layers_0_attention_to_q`: ComfyUI's Lumina2 branch
+    # maps them through z_image_to_diffusers onto the fused weights' rows.
+    adapter_variants = frozenset({"loha", "lokr", "dora"})
     text_encoder_lora_targets: list[str] = []
     kohya_text_encoder_prefixes: dict[str, str] = {}
     kohya_base_model_version = "z_image"  # musubi-tuner's ss_base_model_version (architecture_full_name)
@@ -191,4 +196,8 @@ class ZImageFamily(FlowFamily):
             raise ValueError("Z-Image has no text-encoder LoRA to export")
         if not denoiser_state:
             raise ValueError("nothing to export: all LoRA state dicts are empty")
+        from ..export.lycoris import PER_MODULE, variant_to_kohya
+
+        if denoiser_alpha == PER_MODULE:  # LoHa, LoKr, DoRA: cannot be fused into attention.qkv
+            return variant_to_kohya({k.removeprefix("transformer."): v for k, v in denoiser_state.items()}, "lycoris")
         return z_image_to_kohya(denoiser_state, denoiser_alpha)
