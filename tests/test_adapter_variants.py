@@ -286,3 +286,13 @@ def test_variants_on_a_quantized_or_float8_base_are_refused(tmp_path):
     r["method"]["variant"], r["memory"] = "lokr", {"quantize_base": "torchao-int8"}
     with pytest.raises(RecipeError, match="method.variant: not with a float8 or quantized base"):
         validate(r, "recipe.yaml")
+
+
+def test_eval_says_why_it_cannot_sample_a_loha_run(runs):
+    from finetune.errors import FinetuneError
+    from finetune.eval.inputs import run_adapter, run_recipe
+
+    result, _ = runs("sd1", "loha")
+    recipe, _ = run_recipe(result.run_dir)
+    with pytest.raises(FinetuneError, match="diffusers has no LoHa loader"):
+        run_adapter(recipe, result.run_dir)

@@ -78,6 +78,9 @@ def run_adapter(recipe, folder: Path) -> Adapter:
             raise FinetuneError(f"{folder}: this DreamBooth run kept no diffusers model folder (model/); "
                                 "output.formats must include diffusers for finetune eval")
         return Adapter("dreambooth", folder / "model")
+    if getattr(m, "variant", None) == "loha":
+        raise FinetuneError(f"{folder}: a LoHa run has no file diffusers loads (diffusers has no LoHa loader), so "
+                            "finetune eval cannot sample it yet; its kohya file loads in ComfyUI, AUTOMATIC1111 and Forge")
     if not (folder / LORA_FILE).is_file():
         raise FinetuneError(f"{folder}: no {LORA_FILE} (output.formats must include diffusers for finetune eval)")
     return Adapter("lora", folder)
