@@ -296,3 +296,21 @@ def test_eval_says_why_it_cannot_sample_a_loha_run(runs):
     recipe, _ = run_recipe(result.run_dir)
     with pytest.raises(FinetuneError, match="diffusers has no LoHa loader"):
         run_adapter(recipe, result.run_dir)
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr", "dora", "locon"])
+def test_plan_counts_the_trained_parameters_of_the_variant_exactly(runs, models, variant):
+    """`finetune plan` injects the same adapter on its model: LoCon's convolutions, DoRA's magnitudes and
+    LoKr's factors are counted as they train."""
+    from diffusers import UNet2DConditionModel
+
+    from finetune.eval.inputs import run_recipe
+    from finetune.families import get_family
+    from finetune.plan.method import apply, method_plan
+
+    result, _ = runs("sd1", variant)
+    trained = sum(p.numel() for p in result.components.denoiser.parameters() if p.requires_grad)
+    unet = UNet2DConditionModel.from_pretrained(models["sd1"], subfolder="unet").requires_grad_(False)
+    recipe, _ = run_recipe(result.run_dir)
+    apply(method_plan(recipe.method), get_family("sd1"), "unet", unet, [])
+    assert sum(p.numel() for p in unet.parameters() if p.requires_grad) == trained

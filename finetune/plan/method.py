@@ -24,6 +24,13 @@ class MethodPlan:
     text_targets: tuple[str, ...] | None = None
     vectors: int = 0  # textual inversion: new vectors per text encoder
     full_text: bool = False  # DreamBooth with train_text_encoder
+    # The adapter variant (finetune/methods/adapters.py), so LoHa, LoKr, DoRA and LoCon count as they train.
+    variant: str = "lora"
+    dora: bool = False
+    conv_rank: int = 0
+    conv_alpha: float = 0.0
+    lokr_factor: int = -1
+    decompose_both: bool = False
 
     @property
     def trains_text(self) -> bool:
@@ -40,8 +47,11 @@ def method_plan(cfg) -> MethodPlan:
     if kind == "dreambooth":
         return MethodPlan(kind, full_text=cfg.train_text_encoder)
     lora = kind in ("lora", "pivotal")
+    variant = {k: getattr(cfg, k) or d for k, d in (("variant", "lora"), ("dora", False), ("conv_rank", 0),
+                                                   ("conv_alpha", 0.0), ("lokr_factor", -1),
+                                                   ("decompose_both", False))} if lora else {}
     return MethodPlan(
-        kind, rank=cfg.rank if lora else 0,
+        kind, **variant, rank=cfg.rank if lora else 0,
         targets=_tuple(cfg.target_modules) if lora else None,
         text_lora=lora and cfg.train_text_encoder,
         text_rank=(cfg.text_encoder_rank or cfg.rank) if lora else 0,
@@ -68,7 +78,7 @@ def apply(mp: MethodPlan, family, name: str, model: torch.nn.Module, trained_tex
         if mp.kind == "dreambooth":
             model.requires_grad_(True)
         elif mp.rank:
-            _lora(model, mp.rank, mp.targets or family.lora_targets)
+            _lora(model, mp, mp.rank, mp.targets or family.lora_targets, family.conv_lora_targets)
         return
     if name not in trained_text:
         return
@@ -76,18 +86,26 @@ def apply(mp: MethodPlan, family, name: str, model: torch.nn.Module, trained_tex
         model.requires_grad_(True)
         return
     if mp.text_lora and (family.trainable_text_encoders is None or name in family.trainable_text_encoders):
-        _lora(model, mp.text_rank, mp.text_targets or family.text_encoder_lora_targets)
+        _lora(model, mp, mp.text_rank, mp.text_targets or family.text_encoder_lora_targets)
     if mp.vectors:
         model.get_input_embeddings().weight.requires_grad_(True)
 
 
-def _lora(model: torch.nn.Module, rank: int, targets) -> None:
-    from accelerate import init_empty_weights
-    from peft import LoraConfig, inject_adapter_in_model
+def _lora(model: torch.nn.Module, mp: MethodPlan, rank: int, targets, conv_targets=()) -> None:
+    """The adapter training injects (methods/adapters.py), with the same config."""
+    from types import SimpleNamespace
 
+    from accelerate import init_empty_weights
+    from peft import inject_adapter_in_model
+
+    from ..methods.adapters import adapter_config
+
+    cfg = SimpleNamespace(variant=mp.variant, dora=mp.dora, conv_rank=mp.conv_rank or None,
+                          conv_alpha=mp.conv_alpha or None, lokr_factor=mp.lokr_factor,
+                          decompose_both=mp.decompose_both, dropout=0.0)
     dtype = next(model.parameters()).dtype
-    with init_empty_weights():  # the LoRA layers on the meta device too
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=_list(targets)), model)
+    with init_empty_weights():  # the adapter layers on the meta device too
+        inject_adapter_in_model(adapter_config(cfg, rank, rank, _list(targets), conv_targets), model)
     # Traced in the model's dtype, as autocast runs them; stored in fp32 (counted as such).
     torch.nn.Module.to(model, dtype=dtype)
 
@@ -97,4 +115,5 @@ def _list(targets):
 
 
 def is_lora(name: str) -> bool:
-    return "lora_" in name
+    """An adapter's parameter or module: LoRA/DoRA (lora_), LoHa (hada_), LoKr (lokr_)."""
+    return any(part in name for part in ("lora_", "hada_", "lokr_"))
