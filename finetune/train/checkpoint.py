@@ -266,8 +266,10 @@ def data_fingerprint(examples) -> dict[str, list]:
 def _mask_fingerprint(example) -> list:
     """The mask's digest under data.masks (a changed mask changes what trains); nothing without masks, so
     checkpoints of unmasked runs keep their fingerprints."""
-    digest = getattr(example, "mask_digest", None)
-    return [digest()] if digest else []
+    from ..data.masks import image_mask_digest
+
+    digest = image_mask_digest(example)
+    return [digest] if digest is not None else []
 
 
 def _image_fingerprint(example) -> list:

@@ -267,10 +267,10 @@ class Trainer:
         return self.decisions.decide(step, values, end=end)
 
     def validate(self, step: int) -> list[Path]:
-        """Sample the validation prompts with the model as it is now (main process; the others wait)."""
+        """Sample the validation prompts with the model as it is now (main process; the others wait); inside
+        `validation`, which swaps in a schedule-free optimizer's averaged weights."""
         from ..hooks import Provenance
         from .memory import classifiers_on, onloaded
-        from .optim import averaged
         from .sampling import Destination, Sampling, emit_images
 
         v, r, a = self.recipe.validation, self.run, self.accelerator
@@ -291,8 +291,7 @@ class Trainer:
                                     provenance=Provenance(prompt="", base_model=r.source.label, run=r.run_name,
                                                           kind=f"validation step {step}"))
                 # Sampled from the embeddings made before the text encoders left: only the VAE returns.
-                with onloaded(self.offloaded, ["VAE"]), classifiers_on(r.output_hooks, a.device), \
-                        averaged(self.optimizer):  # a schedule-free optimizer's averaged weights
+                with onloaded(self.offloaded, ["VAE"]), classifiers_on(r.output_hooks, a.device):
                     written = self.ema.validation_samples(lambda dest: emit_images(pipe, v.prompts, how, dest), where)
             finally:
                 for m in self.trainable:
