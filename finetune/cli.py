@@ -110,9 +110,13 @@ def train(
     processes: int = typer.Option(
         1, "--processes", min=1, max=1024,
         help="Train on N processes on this machine, one per GPU (data-parallel; without GPUs, N CPU processes)."),
+    c2pa_cert: Optional[Path] = typer.Option(None, "--c2pa-cert", help="PEM certificate chain that signs the "
+                                                                      "samples' Content Credentials."),
+    c2pa_key: Optional[Path] = typer.Option(None, "--c2pa-key", help="Its PEM private key."),
 ):
     """Train an adapter from RECIPE. Extra KEY=VALUE arguments override recipe keys."""
     with _guard(models=True):
+        from .hooks import with_credential
         from .recipe import load_recipe
         from .train import train as run_training
 
@@ -120,11 +124,13 @@ def train(
             raise FinetuneError("--allow-changed-data: only a resumed run (--resume) has earlier data to differ from")
         overrides = [*ctx.args, *set_]
         r, path = load_recipe(recipe, overrides)  # a bad recipe is one line here, not one per process
+        r.output.hooks = with_credential(r.output.hooks, c2pa_cert, c2pa_key)
         if processes > 1:
             from .train.launch import launch
 
+            signing = [a for flag, v in (("--c2pa-cert", c2pa_cert), ("--c2pa-key", c2pa_key)) if v for a in (flag, str(v))]
             argv = ["train", recipe, *(a for o in overrides for a in ("--set", o)), *(["--no-progress"] * no_progress),
-                    *(["--resume", resume] if resume else []), *(["--allow-changed-data"] * allow_changed_data)]
+                    *(["--resume", resume] if resume else []), *(["--allow-changed-data"] * allow_changed_data), *signing]
             raise typer.Exit(launch(processes, argv))
         from .train.distributed import leave_process_group
 
@@ -218,7 +224,14 @@ def generate(
     family: str = typer.Option("auto", "--family"),
     hook: List[str] = typer.Option([], "--hook", help="Output hook as YAML, e.g. \"{type: prompt_filter, block: [gore]}\" "
                                                        "(repeatable; replaces the defaults)."),
-    no_hooks: bool = typer.Option(False, "--no-hooks", help="Turn every output hook off (no provenance, no watermark)."),
+    no_hooks: bool = typer.Option(False, "--no-hooks", help="Turn every output hook off (no provenance, watermark "
+                                                             "or Content Credentials)."),
+    image_format: str = typer.Option("png", "--format", metavar="[png|jpeg|webp]",
+                                     help="Image file format (JPEG and WebP at quality 95)."),
+    c2pa_cert: Optional[Path] = typer.Option(None, "--c2pa-cert", help="PEM certificate chain that signs the Content "
+                                                                      "Credentials (default: FINETUNE_C2PA_CERT, else a "
+                                                                      "local self-signed one)."),
+    c2pa_key: Optional[Path] = typer.Option(None, "--c2pa-key", help="Its PEM private key (default: FINETUNE_C2PA_KEY)."),
     device: Optional[str] = typer.Option(None, "--device", metavar="[auto|cuda|cuda:N|mps|cpu]",
                                          help="Where to generate (default auto: CUDA, else Apple MPS, else the CPU)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", metavar="[auto|fp16|bf16|fp32]",
@@ -229,11 +242,13 @@ def generate(
     Exit 0: images written; 3: the output hooks refused or rejected every image, so none was written."""
     with _guard(models=True):
         from .generate import generate as run_generate
+        from .hooks import with_credential
 
+        hooks = with_credential(_hook_options(hook, no_hooks), c2pa_cert, c2pa_key)
         paths = run_generate(prompts=prompt, base=base, loras=lora, n=n, seed=seed, steps=steps, guidance=guidance,
                              negative=negative, width=width, height=height, out=out, family=family,
-                             hooks=_hook_options(hook, no_hooks), log=typer.echo, prompt_file=prompts,
-                             make_grid=make_grid, device=device, dtype=dtype)
+                             hooks=hooks, log=typer.echo, prompt_file=prompts, make_grid=make_grid, device=device,
+                             dtype=dtype, image_format=image_format)
         for p in paths:
             typer.echo(str(p))
         if not paths:  # not an error in the program, but nothing to show for the run: scripts must see it
@@ -327,6 +342,37 @@ def watermark_detect(
         if max_pixels is not None and max_pixels < 1:
             raise FinetuneError(f"--max-pixels: must be at least 1, got {max_pixels}")
         lines, code = detect_report(list(images), outputs, max_pixels)
+        for line in lines:
+            typer.echo(line)
+    raise typer.Exit(code)  # outside the guard: an exit code is not an error
+
+
+provenance_app = typer.Typer(help="Check what made an image: its Content Credentials and its watermark.",
+                             no_args_is_help=True)
+app.add_typer(provenance_app, name="provenance")
+
+
+@provenance_app.command("check")
+def provenance_check(
+    images: List[Path] = typer.Argument(..., help="Image files to check."),
+    outputs: Path = typer.Option(Path("outputs"), "--outputs", help="Run folders to match watermark payloads against."),
+    trust: List[Path] = typer.Option([], "--trust", help="PEM certificate of a CA whose signers you trust, e.g. "
+                                                        "ca.pem of the local credential (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document (a list, one object per image)."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Skip, undecoded, any image whose header "
+                                                                        "claims more pixels than this (default 40,000,000)."),
+):
+    """Read each image's C2PA Content Credentials and finetune's invisible watermark, and say what made it:
+    `made by finetune, credentials intact`, `... credentials stripped, watermark found`, `... credentials
+    tampered, watermark found` (or `no watermark found`), or `no sign of finetune`. Exit 0: every image made by finetune with
+    intact credentials; 3: every image shows finetune, some with credentials stripped, tampered or replaced;
+    1: some image shows no sign of finetune; 2: some file was skipped (2 outranks 1, 1 outranks 3)."""
+    with _guard():
+        from .hooks.provenance_check import check_report
+
+        if max_pixels is not None and max_pixels < 1:
+            raise FinetuneError(f"--max-pixels: must be at least 1, got {max_pixels}")
+        lines, code = check_report(list(images), outputs, trust, max_pixels, as_json)
         for line in lines:
             typer.echo(line)
     raise typer.Exit(code)  # outside the guard: an exit code is not an error

@@ -39,6 +39,16 @@ def check_options(n, seed, steps, guidance, width, height, out: Path) -> None:
         raise FinetuneError(f"--out: {out} exists and is not a folder")
 
 
+IMAGE_FORMATS = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp"}
+
+
+def image_suffix(image_format: str) -> str:
+    suffix = IMAGE_FORMATS.get(str(image_format).lower())
+    if suffix is None:
+        raise FinetuneError(f"--format: {excerpt(str(image_format))} is not one of png, jpeg, webp")
+    return suffix
+
+
 def first_seeds(rows, n: int, seed: int) -> list[int]:
     """Each row's first seed: its own, else `seed` counted on image by image; every image's seed
     (first + i) must stay within what a generator and the metadata's readers take."""
@@ -164,9 +174,10 @@ def adapter_records(loras) -> list[dict]:
 def generate(prompts, base, loras=(), n=1, seed=0, steps=25, guidance=7.5, negative=None, width=None,
              height=None, out=Path("outputs/generated"), family="auto", hooks: list[dict] | None = None,
              log=print, prompt_file=None, make_grid: bool = False, device: str | None = None,
-             dtype: str | None = None) -> list[Path]:
-    """Images into `out`. `device`/`dtype` ("cuda", "cuda:1", "mps", "cpu"; "fp16", "bf16", "fp32"; None
-    or "auto": the best device present, in the precision it runs well, as `devices.choose` says)."""
+             dtype: str | None = None, image_format: str = "png") -> list[Path]:
+    """Images into `out`, as `image_format` files (png, jpeg, webp). `device`/`dtype` ("cuda", "cuda:1",
+    "mps", "cpu"; "fp16", "bf16", "fp32"; None or "auto": the best device present, in the precision it
+    runs well, as `devices.choose` says)."""
     from dataclasses import replace
 
     from PIL import Image
@@ -180,6 +191,7 @@ def generate(prompts, base, loras=(), n=1, seed=0, steps=25, guidance=7.5, negat
 
     out = Path(out)
     check_options(n, seed, steps, guidance, width, height, out)
+    suffix = image_suffix(image_format)
     choose(device, dtype)  # --device cuda on a machine without CUDA: one line, before anything loads
     rows = [PromptRow(p) for p in prompts] + (read_prompt_file(prompt_file) if prompt_file else [])
     if not rows:
@@ -193,18 +205,20 @@ def generate(prompts, base, loras=(), n=1, seed=0, steps=25, guidance=7.5, negat
             hook.place(placement.torch_device)
     if placement.device != "cpu":  # the CPU in fp32 is what generate always did: nothing new to say
         log(describe(placement, pipe))
+    for line in output_hooks.describe():  # once the model loaded: a bad --lora stays a one-line answer
+        log(line)
     provenance = Provenance(prompt="", base_model=base, adapters=adapter_records(loras), kind="generate")
     written, k = [], next_index(out)  # images already in `out` keep their names; new ones count on
     for row, first in zip(rows, seeds):
         how = Sampling(seed=first, n=row.n or n, steps=steps, guidance=guidance,
                        negative_prompt=row.negative_prompt or negative, width=row.width or width,
                        height=row.height or height)
-        written += emit_images(pipe, [row.prompt], how, Destination(out, output_hooks, provenance, k, log))
+        written += emit_images(pipe, [row.prompt], how, Destination(out, output_hooks, provenance, k, log, suffix))
         k += row.n or n
     if make_grid and written:
         # The grid is an image we emit too: it goes through the same hooks.
         sheet = grid([Image.open(p) for p in written])
         item = output_hooks.process(OutputImage(sheet, replace(provenance, prompt=f"grid of {len(written)} images",
                                                                kind="grid", width=sheet.width, height=sheet.height)))
-        written += write_outputs([(out / "grid.png", item)], out)
+        written += write_outputs([(out / f"grid{suffix}", item)], out, log=log)
     return written

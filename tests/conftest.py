@@ -28,6 +28,22 @@ def _isolated_cache(tmp_path_factory):
         os.environ["FINETUNE_CACHE"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_config(tmp_path_factory):
+    """The local C2PA signing credential is made in the user's config folder: here, one per test
+    process, never the developer's own; a credential set in the environment does not leak in."""
+    saved = {k: os.environ.get(k) for k in ("XDG_CONFIG_HOME", "FINETUNE_C2PA_CERT", "FINETUNE_C2PA_KEY")}
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("config"))
+    os.environ.pop("FINETUNE_C2PA_CERT", None)
+    os.environ.pop("FINETUNE_C2PA_KEY", None)
+    yield Path(os.environ["XDG_CONFIG_HOME"])
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from threads, and on a busy CI box OpenMP workers waiting on each

@@ -286,7 +286,7 @@ def test_watermark_detect_escapes_control_characters_in_names(tmp_path):
 
 
 def test_watermark_detect_reads_manifests_like_every_other_reader(tmp_path):
-    from finetune.hooks.watermark import known_payloads
+    from finetune.hooks.watermark import KnownPayload, known_payloads
 
     outputs = tmp_path / "outputs"
     mark = {"hook": "watermark", "watermarked": True, "payload": "ab" * 8, "method": "dwtDctSvd", "strength": 30,
@@ -298,7 +298,7 @@ def test_watermark_detect_reads_manifests_like_every_other_reader(tmp_path):
     (outputs / "h").mkdir()
     (outputs / "h" / "manifest.jsonl").write_bytes(b"\xff\xfe not UTF-8\n")  # unreadable: the others still count
     (outputs / "i" / "manifest.jsonl").mkdir(parents=True)
-    assert known_payloads(outputs) == {"ab" * 8: "g/00-a-cat-0.png (prompt 'a cat')"}
+    assert known_payloads(outputs) == {"ab" * 8: KnownPayload(images={"g/": ["00-a-cat-0.png"]})}
 
 
 # --- validation samples during training --------------------------------------------------------------

@@ -10,10 +10,10 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -141,12 +141,16 @@ def test_a_live_lock_refuses_new_runs_and_resumes_a_dead_ones_is_taken_over(tiny
 
 
 def test_disk_full_after_the_final_save_keeps_the_final_files_readable(tiny_sd15, tmp_path, monkeypatch):
-    def disk_full(self, fp, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+    write_bytes = Path.write_bytes
+
+    def disk_full(self, data):  # images are encoded (and signed) in memory, then written: the disk fills there
+        if self.suffix == ".png":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return write_bytes(self, data)
 
     raw = tiny_recipe(tiny_sd15, make_image_folder(tmp_path / "data", n=2), tmp_path / "out", training__max_steps=2)
     raw["validation"]["prompts"] = ["a photo of sks ball"]  # sampled once, after the adapter files are written
-    monkeypatch.setattr(Image.Image, "save", disk_full)
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
     recipe = tmp_path / "full.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     old = os.umask(0o022)

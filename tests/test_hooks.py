@@ -56,8 +56,8 @@ def test_provenance_metadata_names_the_adapter_hash(tiny_sd15, lora_run, tmp_pat
     assert record["adapters"][0]["sha256"] == digest and record["base_model"] == str(tiny_sd15)
     rows = manifest(tmp_path / "g")
     assert rows[0]["file"] == path.name and rows[0]["status"] == "written"
-    # No hooks named: the defaults watermark the image, then write its provenance.
-    assert [v["hook"] for v in rows[0]["verdicts"]] == ["watermark", "provenance"]
+    # No hooks named: the defaults watermark the image, write its provenance, then sign the file.
+    assert [v["hook"] for v in rows[0]["verdicts"]] == ["watermark", "provenance", "c2pa"]
     assert rows[0]["verdicts"][0]["watermarked"] and json.loads(text["finetune_watermark"])["watermarked"]
 
 

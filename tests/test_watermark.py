@@ -5,6 +5,7 @@ a detected payload is matched to its run folder; the hook runs through the outpu
 import hashlib
 import io
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -172,7 +173,8 @@ def _run_folder(root, name, base, files):
     paths = []
     for i, fname in enumerate(files):
         (run / fname).parent.mkdir(parents=True, exist_ok=True)
-        save_file({"w": np.full((4, 4), len(name) * 10 + i, dtype=np.float32)}, str(run / fname))
+        # content unique to the run and file (equal content is one adapter, whichever run holds it)
+        save_file({"w": np.full((4, 4), zlib.crc32(name.encode()) % 100_000 * 10 + i, dtype=np.float32)}, str(run / fname))
         paths.append(run / fname)
     return paths
 
@@ -186,10 +188,10 @@ def test_known_payloads_map_a_detected_payload_to_its_run_folder(tmp_path):
     p = prov(adapters=[{"path": str(a_file), "sha256": digest, "weight": 0.8}], base_model="/models/tiny-sd15")
     known = wm.known_payloads(outputs)
     payload = wm.bits_to_hex(wm.payload_for(p))
-    assert known[payload] == "run run-a, adapter run-a.safetensors"
+    assert known[payload] == wm.KnownPayload(sources=["run run-a, adapter run-a.safetensors"])
     # validation samples of run-b while it trained
     samples = wm.bits_to_hex(wm.payload_for(prov(adapters=[], run="run-b")))
-    assert known[samples].startswith("run run-b")
+    assert known[samples].sources == ["run run-b (samples while training)"]
 
     marked = hook().process(OutputImage(drawn(4), p)).image
     marked.save(tmp_path / "made.png")
@@ -199,9 +201,71 @@ def test_known_payloads_map_a_detected_payload_to_its_run_folder(tmp_path):
     assert code == 1  # one image is not ours
     for line in lines[:2]:
         assert f": found, payload {payload}" in line and line.endswith("run run-a, adapter run-a.safetensors")
+        assert "one of" not in line and "run-b" not in line
+    r = wm.detect(marked, known)
+    assert r["match"] == "run run-a, adapter run-a.safetensors" and r["candidates"] == [r["match"]]
     assert "not found" in lines[2] and "run-a" not in lines[2]
     lines, code = wm.detect_report([tmp_path / "made.png"], outputs)
     assert code == 0
+
+
+def _publish(folder, items):
+    """Mark each (name, Provenance) on its own drawn image and write it through the output pipeline."""
+    pipeline = OutputPipeline([hook()])
+    return write_outputs([(folder / name, pipeline.process(OutputImage(drawn(i, 256), p)))
+                          for i, (name, p) in enumerate(items)], folder)
+
+
+def test_images_from_the_base_alone_name_the_base_and_every_folder_not_a_run(tmp_path):
+    """Every image made from one base model without adapters carries one payload: attribution names
+    the base model and all the folders such images were seen in, and no run as their source."""
+    outputs = tmp_path / "outputs"
+    plain = prov(adapters=[], run=None)
+    gen = _publish(outputs / "gen", [(f"{i:02d}-a-cat-0.png", plain) for i in range(4)])
+    (batch,) = _publish(outputs / "batch", [("00-a-dog-0.png", plain)])
+    payload = wm.bits_to_hex(wm.payload_for(plain))
+
+    # no run folder yet: only the images are known, and both folders are listed
+    (line,), code = wm.detect_report([batch], outputs)
+    assert code == 0 and f"found, payload {payload}" in line
+    assert line.endswith(": seen in 2 output folders: batch/: 1 image (00-a-dog-0.png); "
+                         "gen/: 4 images (00-a-cat-0.png, 01-a-cat-0.png, 02-a-cat-0.png, ...)")
+
+    _run_folder(outputs, "run-a", "builtin:tiny-sd15", ["run-a.safetensors"])
+    _run_folder(outputs, "run-b", "/models/tiny-sd15", ["run-b.safetensors"])
+    known = wm.known_payloads(outputs)
+    assert known[payload].sources == ["base model tiny-sd15 without adapters"]  # one source, from both recipes
+    assert list(known[payload].images) == ["batch/", "gen/"]
+    r = wm.detect(Image.open(gen[0]), known)
+    assert r["match_payload"] == payload
+    assert r["candidates"] == ["base model tiny-sd15 without adapters", "batch/: 1 image (00-a-dog-0.png)",
+                               "gen/: 4 images (00-a-cat-0.png, 01-a-cat-0.png, 02-a-cat-0.png, ...)"]
+    lines, code = wm.detect_report([gen[0], batch], outputs)
+    assert code == 0
+    for line in lines:
+        assert line.endswith(": base model tiny-sd15 without adapters; seen in batch/ (1 image), gen/ (4 images)")
+        assert "run-a" not in line and "run-b" not in line
+
+
+def test_one_adapter_copied_into_two_runs_lists_both_runs(tmp_path):
+    outputs = tmp_path / "outputs"
+    (a_file,) = _run_folder(outputs, "run-a", "builtin:tiny-sd15", ["run-a.safetensors"])
+    (outputs / "run-b").mkdir()
+    (outputs / "run-b" / "recipe.yaml").write_text((outputs / "run-a" / "recipe.yaml").read_text())
+    (outputs / "run-b" / "copy.safetensors").write_bytes(a_file.read_bytes())
+    adapter = {"path": str(a_file), "sha256": hashlib.sha256(a_file.read_bytes()).hexdigest(), "weight": 1.0}
+    both = ["run run-a, adapter run-a.safetensors", "run run-b, adapter copy.safetensors"]
+
+    marked = hook().process(OutputImage(drawn(4), prov(adapters=[adapter]))).image
+    r = wm.detect(marked, wm.known_payloads(outputs))
+    assert r["verdict"] == "found" and r["candidates"] == both
+    assert r["match"] == "one of 2 known sources (the watermark cannot tell them apart): " + "; ".join(both)
+
+    # the same adapter on a base neither recipe names: still both runs, each said to be on another base
+    other = hook().process(OutputImage(drawn(4), prov(adapters=[adapter], base_model="other-base"))).image
+    r = wm.detect(other, wm.known_payloads(outputs))
+    assert r["candidates"] == [f"{c}, but on another base model" for c in both]
+    assert r["match"].startswith("one of 2 known sources")
 
 
 def test_hook_through_build_hooks_and_the_output_pipeline(tmp_path):
@@ -219,7 +283,7 @@ def test_hook_through_build_hooks_and_the_output_pipeline(tmp_path):
     # the manifest is a known source too: the detector names the file it wrote
     lines, code = wm.detect_report([path], tmp_path)
     assert code == 0 and ": found, payload" in lines[0]
-    assert lines[0].endswith("gen/00.png (prompt 'a photo of sks dog')")
+    assert lines[0].endswith(": seen in gen/: 1 image (00.png)")
 
 
 def test_config_is_validated():

@@ -11,8 +11,9 @@ HOOKS: Registry[type[Hook]] = Registry("output hook", __name__)
 register_hook = HOOKS.register
 ENTRY_POINT_GROUP = "finetune.hooks"
 # What runs when a recipe or command names no hooks: an invisible watermark naming the adapters,
-# run and base model (its payload is in the `finetune_watermark` text chunk), then provenance metadata.
-DEFAULT_HOOKS: list[dict] = [{"type": "watermark"}, {"type": "provenance"}]
+# run and base model (its payload is in the `finetune_watermark` text chunk), provenance metadata,
+# and signed C2PA Content Credentials over the final file.
+DEFAULT_HOOKS: list[dict] = [{"type": "watermark"}, {"type": "provenance"}, {"type": "c2pa"}]
 
 _entry_points_loaded = False
 
@@ -68,8 +69,25 @@ def build_pipeline(configs: list[dict] | None, log=None):
     if configs is None:
         configs = DEFAULT_HOOKS
     elif not configs and log:
-        log("output hooks: all turned off (output.hooks: []); images carry no provenance or watermark")
+        log("output hooks: all turned off (output.hooks: []); images carry no provenance, watermark or credentials")
     return OutputPipeline(build_hooks(configs))
+
+
+def with_credential(configs: list[dict] | None, cert: str | None, key: str | None,
+                    where: str = "--c2pa-cert/--c2pa-key") -> list[dict] | None:
+    """`configs` (None: the defaults) with every c2pa hook signing with `cert`/`key` (both or neither)."""
+    if not cert and not key:
+        return configs
+    if not cert or not key:
+        raise FinetuneError(f"{where}: give both the certificate chain and the private key")
+    configs = [dict(c) for c in (DEFAULT_HOOKS if configs is None else configs)]
+    signing = [c for c in configs if c.get("type") == "c2pa"]
+    if not signing:
+        raise FinetuneError(f"{where}: no c2pa hook is on to sign with it (the hooks are: "
+                            f"{', '.join(c.get('type', '?') for c in configs) or 'none'})")
+    for c in signing:
+        c.update(cert=str(cert), key=str(key))
+    return configs
 
 
 def build_hooks(configs: list[dict]) -> list[Hook]:
@@ -81,4 +99,5 @@ def build_hooks(configs: list[dict]) -> list[Hook]:
 
 
 __all__ = ["Hook", "HookConfig", "OutputImage", "Provenance", "Verdict", "HOOKS", "DEFAULT_HOOKS",
-           "register_hook", "hook_class", "hook_names", "build_hooks", "build_pipeline", "validate_hook_configs"]
+           "register_hook", "hook_class", "hook_names", "build_hooks", "build_pipeline", "validate_hook_configs",
+           "with_credential"]

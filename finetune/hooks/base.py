@@ -13,6 +13,7 @@ entry-point group and are named the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -61,6 +62,9 @@ class OutputImage:
     text: dict[str, str] = field(default_factory=dict)  # PNG text chunks / EXIF fields to write
     verdicts: list[Verdict] = field(default_factory=list)
     rejected: str | None = None  # the reason, once a hook rejects it
+    # Run on the encoded file's bytes, in order, just before they are written: what must see the final
+    # bytes (a C2PA signature) goes here, whatever the hook order. f(item, data, mime) -> new bytes.
+    finishers: list[Callable[["OutputImage", bytes, str], bytes]] = field(default_factory=list)
 
     def reject(self, hook: str, reason: str, **details) -> "OutputImage":
         self.rejected = f"{hook}: {reason}"
@@ -83,6 +87,10 @@ class Hook:
 
     def __init__(self, cfg: HookConfig):
         self.cfg = cfg
+
+    def describe(self) -> str | None:
+        """A line for the log when the pipeline is built (e.g. which credential signs), or None."""
+        return None
 
     def check_prompt(self, provenance: Provenance) -> str | None:
         """A reason to refuse this prompt before generating, or None."""

@@ -18,7 +18,7 @@ import datetime as dt
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import FinetuneError, safe_name
@@ -38,6 +38,7 @@ class SigningCredential:
     alg: str | None = None  # c2pa algorithm (es256, ps256, ed25519, ...); None: from the key's type
     ca: Path | None = None  # the local CA's certificate (self-signed credential only): a trust anchor
     source: str = "explicit"  # "explicit" | "environment" | "self-signed", for the record
+    created: bool = field(default=False, compare=False)  # the self-signed credential was made just now
 
 
 def default_config_dir(env=os.environ) -> Path:
@@ -53,9 +54,10 @@ def find_credential(cert=None, key=None, env=os.environ, config_dir=None) -> Sig
         return _pair(env.get("FINETUNE_C2PA_CERT"), env.get("FINETUNE_C2PA_KEY"),
                      "FINETUNE_C2PA_CERT/FINETUNE_C2PA_KEY", "environment")
     folder = Path(config_dir) if config_dir is not None else default_config_dir(env)
-    if not (folder / KEY_FILE).exists():
+    created = not (folder / KEY_FILE).exists()
+    if created:
         _create_self_signed(folder)
-    return SigningCredential(folder / CHAIN_FILE, folder / KEY_FILE, "es256", folder / CA_FILE, "self-signed")
+    return SigningCredential(folder / CHAIN_FILE, folder / KEY_FILE, "es256", folder / CA_FILE, "self-signed", created)
 
 
 def _pair(cert, key, where: str, source: str) -> SigningCredential:
@@ -131,6 +133,24 @@ def _make_ca_and_leaf(start: dt.datetime | None = None, days: int = _VALID_DAYS,
     key_pem = leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     ca_pem = ca.public_bytes(pem)
     return leaf.public_bytes(pem) + ca_pem, ca_pem, key_pem
+
+
+def identity(credential: SigningCredential) -> dict:
+    """What the manifest.jsonl records of the credential: where it came from, the signing certificate's
+    subject, its SHA-256 fingerprint and expiry (public facts; never the key or its path)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    leaf = x509.load_pem_x509_certificates(_read(credential.cert, "certificate chain"))[0]
+
+    def attr(oid):
+        values = leaf.subject.get_attributes_for_oid(oid)
+        return str(values[0].value) if values else None
+
+    return {"credential": credential.source, "signer": attr(NameOID.COMMON_NAME),
+            "organization": attr(NameOID.ORGANIZATION_NAME), "certificate_sha256": leaf.fingerprint(hashes.SHA256()).hex(),
+            "expires": f"{leaf.not_valid_after_utc:%Y-%m-%d}"}
 
 
 def _read(path: Path, what: str) -> bytes:

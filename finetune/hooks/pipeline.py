@@ -3,12 +3,14 @@ manifest line for every image, written or rejected."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from ..errors import FinetuneError
 from ..files import write_atomically
 from .base import Hook, OutputImage, Provenance, Verdict
 
@@ -31,6 +33,10 @@ class OutputPipeline:
                 refusals.append(Verdict(hook.name, "reject", reason))
         return refusals
 
+    def describe(self) -> list[str]:
+        """Lines for the log once the run is under way (which credential signs, ...)."""
+        return [line for line in (hook.describe() for hook in self.hooks) if line]
+
     def screening(self) -> "OutputPipeline":
         """Only the hooks that screen content (for class images: vetted, never marked)."""
         return OutputPipeline([h for h in self.hooks if h.screens_content])
@@ -43,24 +49,43 @@ class OutputPipeline:
         return item
 
 
+# Suffix -> (PIL format, MIME type) of what we write with metadata; any other suffix PIL knows is
+# written plain, and a C2PA signature is skipped with a warning when the format cannot carry one.
+FORMATS = {".png": ("PNG", "image/png"), ".jpg": ("JPEG", "image/jpeg"), ".jpeg": ("JPEG", "image/jpeg"),
+           ".webp": ("WEBP", "image/webp")}
+
+
 def _save_image(item: OutputImage, path: Path) -> Path:
     """Write the image under `path`, or the first free name after it (an image never replaces
-    another); returns the name it got."""
-    return write_atomically(path, lambda tmp: _encode(item, tmp), overwrite=False)
+    another); returns the name it got. The bytes are final before the file is made: a finisher that
+    fails (a signature c2pa refuses) leaves nothing behind."""
+    data, mime = encode(item, path.suffix)
+    for finish in item.finishers:
+        data = finish(item, data, mime)
+    return write_atomically(path, lambda tmp: tmp.write_bytes(data), overwrite=False)
 
 
-def _encode(item: OutputImage, tmp: Path) -> None:
-    if tmp.suffix.lower() in (".jpg", ".jpeg"):
-        exif = Image.Exif()
-        if "parameters" in item.text:
-            # EXIF UserComment, as webui writes it for JPEG: an 8-byte charset header, then UTF-16.
-            exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\0" + item.text["parameters"].encode("utf-16-be")
-        item.image.save(tmp, format="JPEG", quality=95, exif=exif)
-    else:
+def encode(item: OutputImage, suffix: str) -> tuple[bytes, str]:
+    """The image encoded for `suffix`, with the text the hooks set: PNG iTXt chunks; for JPEG and WebP,
+    `parameters` as the EXIF UserComment webui writes (an 8-byte charset header, then UTF-16)."""
+    fmt, mime = FORMATS.get(suffix.lower(), (None, None))
+    if fmt is None:
+        fmt = Image.registered_extensions().get(suffix.lower(), "PNG")
+        mime = Image.MIME.get(fmt, f"image/{fmt.lower()}")
+    buf = io.BytesIO()
+    if fmt == "PNG":
         info = PngImagePlugin.PngInfo()
         for key, value in item.text.items():
             info.add_itxt(key, value)
-        item.image.save(tmp, format="PNG", pnginfo=info)
+        item.image.save(buf, format="PNG", pnginfo=info)
+    elif fmt in ("JPEG", "WEBP"):
+        exif = Image.Exif()
+        if "parameters" in item.text:
+            exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\0" + item.text["parameters"].encode("utf-16-be")
+        item.image.save(buf, format=fmt, quality=95, exif=exif)
+    else:
+        item.image.save(buf, format=fmt)
+    return buf.getvalue(), mime
 
 
 def read_manifest(folder: Path) -> list[dict]:
@@ -89,9 +114,11 @@ def next_index(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def write_outputs(items: list[tuple[Path, OutputImage]], folder: Path, refused: list[tuple[Path, Provenance, list[Verdict]]] = ()) -> list[Path]:
+def write_outputs(items: list[tuple[Path, OutputImage]], folder: Path, refused: list[tuple[Path, Provenance, list[Verdict]]] = (),
+                  log=None) -> list[Path]:
     """Write every image that passed (under a free name: nothing already in `folder` is replaced); append
-    one manifest line per image (and per refused prompt), after its file exists."""
+    one manifest line per image (and per refused prompt), after its file exists. An image whose bytes
+    could not be finished (signed) is not written; `log` gets a line for it."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     with open(folder / MANIFEST, "a", encoding="utf-8") as manifest:
@@ -100,12 +127,21 @@ def write_outputs(items: list[tuple[Path, OutputImage]], folder: Path, refused: 
                    "prompt": item.provenance.prompt, "seed": item.provenance.seed, "kind": item.provenance.kind,
                    "status": "rejected" if item.rejected else "written",
                    "verdicts": [v.as_dict() for v in item.verdicts]}
+            if not item.rejected:
+                try:
+                    saved = _save_image(item, path)
+                    row["file"] = saved.name
+                    written.append(saved)
+                except FinetuneError as e:  # e.g. c2pa refused to sign: fail closed, nothing unsigned is written
+                    item.reject("write", str(e))
+                    if log:
+                        log(f"rejected: {path.name} ({item.rejected})")
             if item.rejected:
-                row["reason"] = item.rejected
-            else:
-                saved = _save_image(item, path)
-                row["file"] = saved.name
-                written.append(saved)
+                row.update(file=None, status="rejected", reason=item.rejected)
+            row["verdicts"] = [v.as_dict() for v in item.verdicts]  # with what the finishers added
+            warnings = [v.reason for v in item.verdicts if v.details.get("warning")]
+            if warnings:
+                row["warnings"] = warnings
             manifest.write(json.dumps(row) + "\n")
             manifest.flush()  # killed, a run loses at most the row of the image it was writing
         for path, prov, verdicts in refused:

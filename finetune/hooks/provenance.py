@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import replace
 from typing import Literal
+
+from pydantic import Field
 
 from .. import __version__
 from . import register_hook
@@ -13,6 +17,19 @@ from .base import Hook, HookConfig, OutputImage, Verdict
 
 class ProvenanceConfig(HookConfig):
     type: Literal["provenance"] = "provenance"
+    private_prompt: bool = Field(False, description=(
+        "Write the prompt's and negative prompt's sha256 instead of their text (set the c2pa hook's "
+        "private_prompt too). The run's manifest.jsonl, which stays on this machine, still has the prompt."))
+
+
+def prompt_fields(prompt: str | None, negative: str | None, private: bool) -> dict:
+    """The prompts as a record carries them: as written, or (private) only their sha256."""
+    if not private:
+        return {"prompt": prompt, "negative_prompt": negative}
+    def digest(text):
+        return hashlib.sha256(text.encode()).hexdigest() if text is not None else None
+
+    return {"prompt_sha256": digest(prompt), "negative_prompt_sha256": digest(negative)}
 
 
 def webui_parameters(p) -> str:
@@ -43,9 +60,12 @@ class ProvenanceHook(Hook):
 
     def process(self, item: OutputImage) -> OutputImage:
         p = item.provenance
-        item.text["parameters"] = webui_parameters(p)
+        prompts = prompt_fields(p.prompt, p.negative_prompt, self.cfg.private_prompt)
+        shown = p if not self.cfg.private_prompt else replace(
+            p, prompt=f"[prompt withheld, sha256 {prompts['prompt_sha256']}]", negative_prompt=None)
+        item.text["parameters"] = webui_parameters(shown)
         item.text["finetune"] = json.dumps({
-            "prompt": p.prompt, "negative_prompt": p.negative_prompt, "seed": p.seed, "steps": p.steps,
+            **prompts, "seed": p.seed, "steps": p.steps,
             "guidance": p.guidance, "width": p.width, "height": p.height, "base_model": p.base_model,
             "adapters": p.adapters, "run": p.run, "kind": p.kind, "toolkit": f"finetune {__version__}"})
         item.verdicts.append(Verdict(self.name, "metadata"))

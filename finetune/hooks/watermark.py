@@ -17,7 +17,9 @@ detected payload can be matched to a run folder later:
 
 The check bits are a hash of the rest: an image the toolkit did not make passes them by chance
 with probability 2^-20 per decoding attempt. The detector also accepts a payload that is within
-a few bits of a known one (from run folders and manifests under `outputs/`).
+a few bits of a known one (from run folders and manifests under `outputs/`). Several known
+outputs can carry one payload (every image made from one base model without adapters; one adapter
+file copied into two runs): the detector then lists them all, and names one only when nothing else fits.
 
 Limits (measured by benchmarks/watermark_robustness.py; see benchmarks/results/): survives
 lossless saving, JPEG and resizing (the detector tries common generation sizes); does not survive
@@ -30,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -312,6 +315,65 @@ def _describe_source(prov: Provenance) -> str:
 
 # --- what we know was made here ----------------------------------------------------------------
 
+@dataclass
+class KnownPayload:
+    """Everything known to carry one payload. The watermark cannot tell these apart, so each is a
+    candidate: `sources`, what the run folders could have made it with ("run a, adapter
+    a.safetensors", "base model tiny-sd15 without adapters"), each once however many recipes name
+    it; `images`, output folder ("gen/") -> the files whose manifest row records the payload."""
+
+    sources: list[str] = field(default_factory=list)
+    images: dict[str, list[str]] = field(default_factory=dict)
+
+    def add_source(self, description: str) -> None:
+        description = _shown(description)
+        if description not in self.sources:
+            self.sources.append(description)
+
+    def add_image(self, folder: str, file: str) -> None:
+        files = self.images.setdefault(_shown(folder), [])
+        if _shown(file) not in files:
+            files.append(_shown(file))
+
+    def merge(self, other: KnownPayload) -> None:
+        for s in other.sources:
+            self.add_source(s)
+        for folder, files in other.images.items():
+            for f in files:
+                self.add_image(folder, f)
+
+    def candidates(self) -> list[str]:
+        """Every source, then every folder of known images ("gen/: 3 images (a.png, b.png, c.png)")."""
+        return [*self.sources, *(_image_group(folder, files) for folder, files in self.images.items())]
+
+    def describe(self) -> str:
+        """One line that names a single candidate only when the evidence fits no other: the source,
+        or all of them; then where images with this payload were seen."""
+        parts = []
+        if len(self.sources) == 1:
+            parts.append(self.sources[0])
+        elif self.sources:
+            parts.append(f"one of {len(self.sources)} known sources (the watermark cannot tell them apart): "
+                         + "; ".join(self.sources))
+        groups = [_image_group(folder, files) for folder, files in self.images.items()]
+        if self.sources and self.images:
+            parts.append("seen in " + ", ".join(f"{folder} ({_count(files)})" for folder, files in self.images.items()))
+        elif len(groups) == 1:
+            parts.append("seen in " + groups[0])
+        elif groups:
+            parts.append(f"seen in {len(groups)} output folders: " + "; ".join(groups))
+        return "; ".join(parts)
+
+
+def _count(files: list[str]) -> str:
+    return f"{len(files)} image{'' if len(files) == 1 else 's'}"
+
+
+def _image_group(folder: str, files: list[str]) -> str:
+    names = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+    return f"{folder}: {_count(files)} ({names})"
+
+
 def _run_folders(outputs_dir: Path) -> list[Path]:
     found = [outputs_dir] if (outputs_dir / "recipe.yaml").is_file() else []
     return found + sorted(p.parent for p in outputs_dir.glob("*/recipe.yaml"))
@@ -327,18 +389,25 @@ def _read_recipe(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _profile(raw: dict) -> tuple[str, int, int]:
-    return (raw.get("method", DEFAULT_METHOD), int(raw.get("strength", DEFAULT_STRENGTH)),
-            int(raw.get("payload_bits", DEFAULT_BITS)))
+def _profile(raw: dict) -> tuple[str, int, int] | None:
+    try:
+        return (str(raw.get("method", DEFAULT_METHOD)), int(raw.get("strength", DEFAULT_STRENGTH)),
+                int(raw.get("payload_bits", DEFAULT_BITS)))
+    except (TypeError, ValueError):  # a hand-edited recipe or manifest: its other payloads still count
+        return None
 
 
-def _known(outputs_dir: Path) -> tuple[dict[str, str], list[tuple[str, int, int]]]:
+def _is_payload(text) -> bool:
+    try:
+        return isinstance(text, str) and len(bytes.fromhex(text)) > 0
+    except ValueError:
+        return False
+
+
+def _known(outputs_dir: Path) -> tuple[dict[str, KnownPayload], list[tuple[str, int, int]]]:
     outputs_dir = Path(outputs_dir)
-    known: dict[str, str] = {}
+    known: dict[str, KnownPayload] = {}
     profiles: list[tuple[str, int, int]] = []
-
-    def add(source: str, base, description: str, n_bits: int) -> None:
-        known.setdefault(bits_to_hex(make_payload(source, base, n_bits)), description)
 
     if not outputs_dir.is_dir():
         return known, profiles
@@ -348,46 +417,58 @@ def _known(outputs_dir: Path) -> tuple[dict[str, str], list[tuple[str, int, int]
         hooks = (recipe.get("output") or {}).get("hooks") or []
         lengths = {DEFAULT_BITS}
         for raw in hooks:
-            if isinstance(raw, dict) and raw.get("type") == "watermark":
+            if isinstance(raw, dict) and raw.get("type") == "watermark" and _profile(raw):
                 profiles.append(_profile(raw))
                 lengths.add(_profile(raw)[2])
         run = run_dir.name
         for n in sorted(lengths):
-            add("run:" + run, base, f"run {run} (samples while training)", n)
+            named: set[str] = set()
+
+            def add(source: str, description: str) -> None:
+                # The same bytes twice in one run (a final adapter identical to its last checkpoint)
+                # are one adapter: named once, top-level first. Other runs still add theirs.
+                if source not in named:
+                    named.add(source)
+                    known.setdefault(bits_to_hex(make_payload(source, base, n)), KnownPayload()).add_source(description)
+
+            add("run:" + run, f"run {run} (samples while training)")
             folders: dict[Path, list[str]] = {}
-            # Top-level files first: a final adapter identical to its last checkpoint is named as the final one.
             for f in sorted(run_dir.rglob("*.safetensors"), key=lambda p: (len(p.parts), str(p))):
                 if f.name.startswith(".") or any(p.startswith(".tmp") for p in f.relative_to(run_dir).parts):
                     continue
                 digest = file_sha256(f)
                 folders.setdefault(f.parent, []).append(digest)
-                add("adapters:" + digest, base, f"run {run}, adapter {f.relative_to(run_dir).as_posix()}", n)
+                add("adapters:" + digest, f"run {run}, adapter {f.relative_to(run_dir).as_posix()}")
             for folder, digests in folders.items():  # `--lora FOLDER` loads every file in it
                 if len(digests) > 1:
                     rel = folder.relative_to(run_dir).as_posix()
-                    add("adapters:" + ",".join(sorted(digests)), base,
-                        f"run {run}, adapters in {'the run folder' if rel == '.' else rel}", n)
-            add("base:" + base_name(base), base, f"base model {base_name(base)} without adapters", n)
-    # Manifests record every payload the watermark hook embedded, with its file and prompt.
+                    add("adapters:" + ",".join(sorted(digests)),
+                        f"run {run}, adapters in {'the run folder' if rel == '.' else rel}")
+            # Every run on this base knows this one; it is one source, and it names no run.
+            add("base:" + base_name(base), f"base model {base_name(base)} without adapters")
+    # Manifests record every payload the watermark hook embedded, with its file.
     for manifest in sorted(outputs_dir.rglob(MANIFEST)):
         try:
             rows = read_manifest(manifest.parent)
         except (OSError, UnicodeDecodeError):  # one unreadable manifest must not stop the detection
             continue
+        where = manifest.parent.relative_to(outputs_dir).as_posix() + "/" if manifest.parent != outputs_dir else "./"
         for row in rows:
             for v in row.get("verdicts") or []:
                 if isinstance(v, dict) and v.get("hook") == "watermark" and v.get("watermarked") \
-                        and v.get("payload"):
-                    where = manifest.parent.relative_to(outputs_dir).as_posix() if manifest.parent != outputs_dir else "."
-                    known.setdefault(v["payload"], f"{where}/{row.get('file')} (prompt {row.get('prompt')!r})")
-                    profiles.append(_profile(v))
+                        and _is_payload(v.get("payload")):
+                    if row.get("file"):  # a row rejected after marking wrote no file: no image to name
+                        known.setdefault(v["payload"].lower(), KnownPayload()).add_image(where, str(row["file"]))
+                    if _profile(v):
+                        profiles.append(_profile(v))
     return known, profiles
 
 
-def known_payloads(outputs_dir: Path) -> dict[str, str]:
-    """Payload hex -> what made it, for everything the run folders under `outputs_dir` could have
-    made: each run's samples, each adapter file (and each folder of them), its base model alone;
-    plus every payload a manifest there records."""
+def known_payloads(outputs_dir: Path) -> dict[str, KnownPayload]:
+    """Payload hex -> what is known to carry it, for everything the run folders under `outputs_dir`
+    could have made (each run's samples, each adapter file and each folder of them, its base model
+    alone) and every image a manifest there records. Several runs can share a payload (one base
+    model, one adapter file copied): the KnownPayload then lists them all."""
     return _known(Path(outputs_dir))[0]
 
 
@@ -408,24 +489,44 @@ def _candidate_sizes(w: int, h: int) -> list[tuple[int, int]]:
     return sizes
 
 
-def _match(bits: np.ndarray, known: dict[str, str], exact: bool) -> tuple[str, int, str] | None:
-    """The known payload this decodes to: by the source and base fields when the check bits
-    passed, else the nearest with at most 1 bit in KNOWN_TOLERANCE wrong."""
+def _match(bits: np.ndarray, known: dict[str, KnownPayload | str], exact: bool
+           ) -> tuple[KnownPayload, int, str] | None:
+    """What is known to carry the payload this decodes to, with the bits equal to it and its hex.
+    When the check bits passed: the payload with the same source and base fields, else every one
+    with the same source field (made on another base model). Otherwise every known payload at the
+    nearest distance, if that is at most 1 bit in KNOWN_TOLERANCE. Evidence that fits several
+    payloads is merged, never settled by which was found first."""
     n = len(bits)
-    best = None
-    for hx, desc in known.items():
+    src = n - BASE_BITS - CHECK_BITS
+    hits = []
+    for hx, entry in known.items():
         kb = hex_to_bits(hx)
         if len(kb) != n:
             continue
         same = int((kb == bits).sum())
-        src = n - BASE_BITS - CHECK_BITS
-        if exact and (kb[:src] == bits[:src]).all():
-            if (kb[:n - CHECK_BITS] == bits[:n - CHECK_BITS]).all():
-                return desc, same, hx
-            best = best or (f"{desc}, but on another base model than its recipe's", same, hx)
-        elif not exact and n - same <= n // KNOWN_TOLERANCE and (best is None or same > best[1]):
-            best = (desc, same, hx)
-    return best
+        if exact and (kb[:n - CHECK_BITS] == bits[:n - CHECK_BITS]).all():
+            return _as_known(entry), same, hx
+        if (exact and (kb[:src] == bits[:src]).all()) or (not exact and n - same <= n // KNOWN_TOLERANCE):
+            hits.append((same, hx, _as_known(entry)))
+    if not exact and hits:
+        top = max(h[0] for h in hits)
+        hits = [h for h in hits if h[0] == top]
+    if not hits:
+        return None
+    hits.sort(key=lambda h: (-h[0], h[1]))
+    merged = KnownPayload()
+    for _, _, entry in hits:
+        if exact:  # the same source on another base: not the images recorded with the recipe's base
+            for candidate in entry.candidates():
+                merged.add_source(candidate + ", but on another base model")
+        else:
+            merged.merge(entry)
+    return merged, hits[0][0], hits[0][1]
+
+
+def _as_known(entry: KnownPayload | str) -> KnownPayload:
+    # A plain description (a caller's own table of payloads) is one source.
+    return entry if isinstance(entry, KnownPayload) else KnownPayload(sources=[_shown(entry)])
 
 
 def open_within(path: Path, max_pixels: int = DETECT_MAX_PIXELS) -> Image.Image:
@@ -460,7 +561,7 @@ def _first_line(e: Exception) -> str:
     return text if len(text) <= 120 else text[:120] + "..."
 
 
-def detect(image: Image.Image | str | Path, known: dict[str, str] | None = None,
+def detect(image: Image.Image | str | Path, known: dict[str, KnownPayload | str] | None = None,
            profiles: list[tuple[str, int, int]] | None = None, max_pixels: int = DETECT_MAX_PIXELS) -> dict:
     """Look for our watermark, blind (no original needed).
 
@@ -468,11 +569,13 @@ def detect(image: Image.Image | str | Path, known: dict[str, str] | None = None,
     image as it is (below the minimum area: upscaled by the factor small images are marked at),
     then resized to the usual generation sizes of its aspect. "found" when all check bits agree
     with the payload, or when at most 1 bit in KNOWN_TOLERANCE differs from one in `known`
-    (payload hex -> description, from `known_payloads`).
+    (payload hex -> KnownPayload, from `known_payloads`; a plain string counts as one source).
 
     Returns a dict: verdict ("found"/"not found"), payload (hex as decoded; the best guess when not
-    found), check_bits ((agreeing, CHECK_BITS)), match (the description of the known payload, or
-    None), match_bits ((bits equal to it, payload bits)), match_payload, method, strength,
+    found), check_bits ((agreeing, CHECK_BITS)), match (one line describing every known source and
+    image that fits, naming one only when nothing else does; or None), candidates (each of those, a
+    line apiece, sources first; [] without a match), match_bits ((bits equal to the nearest known
+    payload, payload bits)), match_payload (its hex), method, strength,
     payload_bits, size (where it was read), image_size, confidence (0 random .. 1 every block
     agrees), tried (readings made). A file over `max_pixels` or unreadable raises FinetuneError."""
     image = image.convert("RGB") if isinstance(image, Image.Image) else open_within(image, max_pixels)
@@ -493,23 +596,28 @@ def detect(image: Image.Image | str | Path, known: dict[str, str] | None = None,
             checks = check_ok(bits)
             result = {"verdict": "not found", "payload": bits_to_hex(bits), "check_bits": (checks, CHECK_BITS),
                       "method": method, "strength": strength, "payload_bits": n_bits, "size": size,
-                      "image_size": original_size, "confidence": round(float(np.abs(scores - 0.5).mean() * 2), 3), "match": None, "match_bits": None,
-                      "match_payload": None}
+                      "image_size": original_size, "confidence": round(float(np.abs(scores - 0.5).mean() * 2), 3),
+                      "match": None, "candidates": [], "match_bits": None, "match_payload": None}
             if checks == CHECK_BITS:
                 result["verdict"] = "found"
                 m = _match(bits, known, exact=True)
                 if m:
-                    result.update(match=m[0], match_bits=(m[1], n_bits), match_payload=m[2])
+                    result.update(_matched(*m, n_bits))
                 result["tried"] = tried
                 return result
             m = _match(bits, known, exact=False)
             if m:
-                result.update(verdict="found", match=m[0], match_bits=(m[1], n_bits), match_payload=m[2], tried=tried)
+                result.update(verdict="found", **_matched(*m, n_bits), tried=tried)
                 return result
             if best is None or (checks, result["confidence"]) > (best["check_bits"][0], best["confidence"]):
                 best = result
     best["tried"] = tried
     return best
+
+
+def _matched(entry: KnownPayload, same: int, hx: str, n_bits: int) -> dict:
+    return {"match": entry.describe(), "candidates": entry.candidates(), "match_bits": (same, n_bits),
+            "match_payload": hx}
 
 
 def known_profiles(outputs_dir: Path) -> list[tuple[str, int, int]]:
@@ -560,5 +668,5 @@ def _answer(r: dict, outputs_dir: Path) -> str:
         bits = f", {r['match_bits'][0]}/{r['match_bits'][1]} bits match"
         if r["match_payload"] != r["payload"]:
             bits += f" known payload {r['match_payload']}"
-    made = r["match"] or f"unknown (no run or manifest under {outputs_dir} has this payload)"
+    made = r["match"] or f"unknown (no run or manifest under {_shown(outputs_dir)} has this payload)"
     return f"found, payload {r['payload']}, {checks}{bits}{where}, {r['method']}: {made}"

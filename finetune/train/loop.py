@@ -113,6 +113,8 @@ def _load(recipe, known: dict):
     # Before the model loads: a configured filter that cannot load stops the run now (fail closed).
     log, family = known["log"], known["family"]
     output_hooks = build_pipeline(recipe.output.hooks, log)
+    for line in output_hooks.describe():
+        log(line)
     accelerator = make_accelerator(recipe.training, recipe.output.trackers, known["run_dir"])
     use_tf32(recipe.memory, accelerator.device, log)
     log(f"loading {known['source'].label} ({family.name})")

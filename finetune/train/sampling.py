@@ -46,13 +46,15 @@ class Sampling:
 @dataclass
 class Destination:
     """Where images go: `folder`, through `hooks`, with `provenance`; file numbers from `first_index`
-    (None: on from the highest already in the folder); `log` hears refusals and rejections."""
+    (None: on from the highest already in the folder); `log` hears refusals and rejections; `suffix`
+    picks the file format (.png, .jpg, .webp)."""
 
     folder: Path
     hooks: OutputPipeline
     provenance: Provenance | None = None
     first_index: int | None = None
     log: Callable[[str], None] | None = None
+    suffix: str = ".png"
 
 
 @torch.no_grad()
@@ -69,7 +71,7 @@ def emit_images(pipe, prompts: list[str], how: Sampling, where: Destination) -> 
     first = next_index(folder) if where.first_index is None else where.first_index
     written, k, n = [], 0, how.n
     for prompt in prompts:
-        names = [folder / f"{first + k + i:02d}-{slug(prompt)}-{i}.png" for i in range(n)]
+        names = [folder / f"{first + k + i:02d}-{slug(prompt)}-{i}{where.suffix}" for i in range(n)]
         provs = [replace(base, prompt=prompt, negative_prompt=how.negative_prompt, seed=how.seed + k + i,
                          steps=how.steps, guidance=how.guidance, width=how.width, height=how.height)
                  for i in range(n)]
@@ -88,7 +90,7 @@ def emit_images(pipe, prompts: list[str], how: Sampling, where: Destination) -> 
                     _report_black(name, item, log)
                 if item.rejected and log:
                     log(f"rejected: {name.name} ({item.rejected})")
-            written += write_outputs(list(zip(names[i:i + BATCH], items)), folder)
+            written += write_outputs(list(zip(names[i:i + BATCH], items)), folder, log=log)
     return written
 
 

@@ -291,14 +291,15 @@ def generate_page(ctx: Context) -> None:
         guidance = gr.Number(7.5, label="Guidance")
         width = gr.Number(None, label="Width", precision=0, elem_id="gen-width")
         height = gr.Number(None, label="Height", precision=0, elem_id="gen-height")
-    block = gr.Textbox(label="Blocked words (a prompt filter before the watermark and provenance hooks; one a line)",
+    block = gr.Textbox(label="Blocked words (a prompt filter before the watermark, provenance and C2PA hooks; one a line)",
                        lines=2, elem_id="gen-block")
     go = gr.Button("Generate", variant="primary", elem_id="gen-go")
     images = gr.Gallery(label="Images", columns=4, height=300, elem_id="gen-images")
     said = gr.Textbox(label="What happened", lines=4, interactive=False, elem_id="gen-log")
-    gr.Markdown("### Watermark check\nUpload images to find finetune's invisible watermark in them.")
+    gr.Markdown("### Provenance check\nUpload images to read their Content Credentials and find finetune's "
+                "invisible watermark in them.")
     upload = gr.File(label="Images", file_count="multiple", file_types=["image"], elem_id="wm-upload")
-    verdict = gr.Textbox(label="Watermark", lines=4, interactive=False, elem_id="wm-verdict")
+    verdict = gr.Textbox(label="What made them", lines=6, interactive=False, elem_id="wm-verdict")
 
     @shown
     def make(base_, adapters_, prompt_, negative_, seed_, steps_, guidance_, w, h, block_, progress=gr.Progress()):
@@ -319,10 +320,10 @@ def generate_page(ctx: Context) -> None:
 
     @shown
     def detect(uploaded):
-        from ..hooks.watermark import detect_report
+        from ..hooks.provenance_check import check_report
 
         paths = [ctx.roots.confine(getattr(f, "name", f)) for f in uploaded or []]
-        return "\n".join(detect_report(paths, ctx.outputs)[0]) if paths else ""
+        return "\n".join(check_report(paths, ctx.outputs)[0]) if paths else ""
 
     go.click(make, [base, adapters, prompt, negative, seed, steps, guidance, width, height, block], [images, said])
     upload.upload(detect, upload, verdict)
