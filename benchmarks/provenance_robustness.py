@@ -35,16 +35,8 @@ from PIL import Image, ImageEnhance
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from tests.helpers import png_chunks as chunks  # noqa: E402
 from watermark_robustness import crop, drawn_scene, resize  # noqa: E402
-
-
-def chunks(data: bytes):
-    """(offset, type, body) of each PNG chunk."""
-    pos = 8
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        yield pos, data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        pos += 12 + length
 
 
 def rewrite_chunk(data: bytes, kind: bytes, keyword: bytes, change) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -303,3 +304,12 @@ def patience_rule(rows, patience: int, min_delta: float, higher: bool = False):
             if since >= patience:
                 return step
     return None
+
+
+def png_chunks(data: bytes):
+    """(offset, type, body) of each chunk of a PNG file's bytes."""
+    pos = 8
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        yield pos, data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        pos += 12 + n

@@ -22,6 +22,8 @@ from finetune.hooks.credentials import (
     precheck,
 )
 
+from .helpers import png_chunks
+
 RECORD = {"base_model": "tiny-sd", "adapters": [{"path": "run/lora.safetensors", "sha256": "ab" * 32, "weight": 0.8}],
           "prompt_sha256": "cd" * 32, "seed": 7, "steps": 4, "guidance": 7.5, "run": "outputs/run1"}
 SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -81,14 +83,6 @@ def test_an_existing_empty_config_folder_is_used(tmp_path):
     with pytest.raises(FinetuneError, match="holds no signer.key"):
         find_credential(env={}, config_dir=tmp_path / "full")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c2pa", "full"]
-
-
-def png_chunks(data: bytes):
-    pos = 8
-    while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
-        yield pos, data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
-        pos += 12 + n
 
 
 def test_pixel_edit_in_place_reads_tampered(signer):

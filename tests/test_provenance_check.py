@@ -22,6 +22,8 @@ from finetune.hooks import provenance_check as pc
 from finetune.hooks.base import OutputImage, Provenance
 from finetune.hooks.credentials import find_credential, precheck
 
+from .helpers import png_chunks
+
 INTACT = "made by finetune, credentials intact"
 TAMPERED = "made by finetune, credentials tampered, watermark found"
 STRIPPED = "made by finetune, credentials stripped, watermark found"
@@ -50,14 +52,6 @@ def record(payload, sha) -> dict:
             "adapters": [{"name": "run-a.safetensors", "sha256": sha, "weight": 0.8}], "prompt": "a cat", "seed": 1,
             "steps": 4, "guidance": 7.5, "width": 256, "height": 256, "run": None,
             "watermark": {"payload": payload, "method": "dwtDctSvd"} if payload else None}
-
-
-def png_chunks(data: bytes):
-    pos = 8
-    while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
-        yield pos, data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
-        pos += 12 + n
 
 
 def one_pixel_changed(png: bytes) -> bytes:
