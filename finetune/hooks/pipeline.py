@@ -49,12 +49,6 @@ class OutputPipeline:
         return item
 
 
-# Suffix -> (PIL format, MIME type) of what we write with metadata; any other suffix PIL knows is
-# written plain, and a C2PA signature is skipped with a warning when the format cannot carry one.
-FORMATS = {".png": ("PNG", "image/png"), ".jpg": ("JPEG", "image/jpeg"), ".jpeg": ("JPEG", "image/jpeg"),
-           ".webp": ("WEBP", "image/webp")}
-
-
 def _save_image(item: OutputImage, path: Path) -> Path:
     """Write the image under `path`, or the first free name after it (an image never replaces
     another); returns the name it got. The bytes are final before the file is made: a finisher that
@@ -67,11 +61,10 @@ def _save_image(item: OutputImage, path: Path) -> Path:
 
 def encode(item: OutputImage, suffix: str) -> tuple[bytes, str]:
     """The image encoded for `suffix`, with the text the hooks set: PNG iTXt chunks; for JPEG and WebP,
-    `parameters` as the EXIF UserComment webui writes (an 8-byte charset header, then UTF-16)."""
-    fmt, mime = FORMATS.get(suffix.lower(), (None, None))
-    if fmt is None:
-        fmt = Image.registered_extensions().get(suffix.lower(), "PNG")
-        mime = Image.MIME.get(fmt, f"image/{fmt.lower()}")
+    `parameters` as the EXIF UserComment webui writes (an 8-byte charset header, then UTF-16). Any
+    other format PIL knows by its suffix is written plain (a C2PA finisher then skips it with a warning)."""
+    fmt = Image.registered_extensions().get(suffix.lower(), "PNG")
+    mime = Image.MIME.get(fmt, f"image/{fmt.lower()}")
     buf = io.BytesIO()
     if fmt == "PNG":
         info = PngImagePlugin.PngInfo()
