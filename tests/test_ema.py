@@ -189,3 +189,21 @@ def test_every_method_writes_its_own_files_again_averaged(method, tiny_sd15, tmp
         pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd15))
         pipe.load_textual_inversion(str(result.run_dir / "ema"))
         assert "<sks>" in pipe.tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize("device", ["accelerator", "cpu"])
+def test_the_plan_counts_the_average_the_run_keeps(runs, tmp_path, device):
+    """`finetune plan` of this run's own recipe: its EMA row is the bytes of EMAModel's shadow parameters."""
+    import yaml
+
+    from finetune.plan.run import plan
+
+    a, _, rec = runs
+    recipe = yaml.safe_load((a.run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    recipe["training"]["ema"]["device"] = device
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    est = plan(str(tmp_path / "run.yaml"), []).estimate
+    shadow = sum(s.numel() * s.element_size() for s in rec.emas[0].model.shadow_params)
+    (row,) = [r for r in est.rows if r.label.startswith("EMA of the trained weights")]
+    assert row.bytes == shadow and row.phase == {"accelerator": "training", "cpu": "EMA update"}[device]
+    assert est.ema_host == (shadow if device == "cpu" else 0)

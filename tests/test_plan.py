@@ -410,6 +410,33 @@ def test_memory_options_lower_the_figure_and_size_raises_it(sd15_batch4):
     assert estimate(t, replace(base, method=replace(base.method, rank=128))).needs > needs
 
 
+def test_an_ema_is_an_fp32_value_per_trained_parameter_where_it_is_kept():
+    """training.ema on an SD1.5 DreamBooth (the whole UNet trains, 8-bit states): on the GPU the average
+    raises training and validation by 4 bytes a parameter, and its foreach update needs as much again once
+    the gradients are gone; in CPU memory it leaves both for host RAM and visits whole for each update,
+    updated a tensor at a time; either way the trained weights are copied to host RAM while it is swapped in."""
+    t, unet = tracer(SD15), 4.0 * _params(SD15, "unet")
+    base = ["training.gradient_checkpointing=true", "optimizer.type=adamw8bit"]
+    off, gpu, cpu = (estimate(t, _settings("sd15-dreambooth", base + extra))
+                     for extra in ([], ["training.ema={}"], ["training.ema.device=cpu"]))
+    assert "EMA update" not in off.phases
+    for phase in ("training", "validation"):
+        assert gpu.phases[phase] - off.phases[phase] == pytest.approx(unet)
+        assert cpu.phases[phase] == pytest.approx(off.phases[phase])
+    states = next(r.bytes for r in off.rows if r.label.startswith("optimizer states"))
+    held = sum(r.bytes for r in off.rows if r.phase == "resident") + states
+    largest = max(p.numel() for p in full_build(SD15, "unet").parameters())
+    assert gpu.phases["EMA update"] == pytest.approx(held + 2 * unet)
+    assert cpu.phases["EMA update"] == pytest.approx(held + unet + 8 * largest)
+    assert gpu.host["training"] - off.host["training"] == pytest.approx(unet)  # the trained weights' copy
+    assert cpu.host["training"] - off.host["training"] == pytest.approx(2 * unet)
+    # On a CPU the device's memory is host memory: where the average is kept changes nothing.
+    assert cpu.host_peak_on("cpu") == pytest.approx(gpu.host_peak_on("cpu"))
+    # plan --vram: keeping the average in CPU memory comes before anything that changes results.
+    adv = advise(t, replace(gpu.settings, validation_images=0), gpu.phases["training"] - unet / 2 + cal.CUDA_CONTEXT_GIB * GIB)
+    assert adv.fits and [step.change.keys for step in adv.steps] == [["training.ema.device=cpu"]]
+
+
 # ---------------------------------------------------------------------------------------------
 # --vram: proposals that fit, and runs that cannot
 

@@ -42,6 +42,8 @@ class Advice:
 def candidates(s: Settings, family) -> list[Change]:
     """Every change that applies to `s`, cheapest first."""
     out = _offloading(s)
+    if s.ema == "accelerator":  # the same average, its updates slower by a copy each way
+        out.append(Change("EMA kept in CPU memory", ["training.ema.device=cpu"], {"ema": "cpu"}))
     eight = {"adamw": "adamw8bit", "lion": "lion8bit"}.get(s.optimizer)
     if eight:
         out.append(Change("8-bit optimizer states", [f"optimizer.type={eight}"], {"optimizer": eight}))

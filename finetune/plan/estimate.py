@@ -10,7 +10,11 @@ denoiser as `memory:` stores it, the trained parameters in fp32, the text encode
 - class images (prior preservation): the whole base model samples, before any adapter is attached;
 - training: gradients, optimizer states and the activations of one step;
 - validation: samples made with the adapter, the optimizer states still held; an offloaded VAE comes
-  back to decode them, offloaded text encoders do not (the prompts were encoded before they left).
+  back to decode them, offloaded text encoders do not (the prompts were encoded before they left);
+- EMA update (`training.ema`, finetune/train/ema.py): after an optimizer step, the gradients and
+  activations freed, the average (fp32, one value per trained parameter) is updated: kept on the GPU
+  it is there all along, with diffusers' foreach temporaries of the same size for the update; kept
+  in CPU memory it visits the GPU whole, updated one tensor at a time.
 Host RAM peaks while loading (the weights pass through it), while caching (the denoiser waits there)
 or while training (the caches, offloaded encoders and parked blocks live there). `memory.compile`,
 `tf32` and `attention` change speed, not memory.
@@ -38,6 +42,7 @@ class Estimate:
     trained: int = 0  # parameters the optimizer holds
     learned: int = 0  # parameters that learn (textual inversion: the new rows only)
     offloaded: float = 0.0  # bytes of the weights that leave the GPU after caching
+    ema_host: float = 0.0  # bytes of the EMA kept in CPU memory (training.ema.device: cpu)
     parked: float = 0.0  # bytes of the denoiser's blocks kept in CPU memory (memory.offload_blocks)
     notes: list[str] = field(default_factory=list)
 
@@ -70,7 +75,7 @@ class Estimate:
         base = cal.HOST_PROCESS_GIB * GIB
         if device != "cpu":
             return base + max(self.host.values())
-        away = self.offloaded + self.parked
+        away = self.offloaded + self.parked + self.ema_host
         caches = self.host["training"] - away
         phases = [b + (away if p == "training" else 0) for p, b in self.phases.items()]
         return base + max(self.host["loading"], max(phases) + caches)
@@ -92,6 +97,7 @@ def estimate(tracer, s: Settings) -> Estimate:
     est.rows += _training_rows(tracer, s, sizes, states)
     est.phases["training"] = resident + _sum(est.rows, "training") - _overlap(est.rows)
     _other_phases(tracer, comps, s, est, weights, states)
+    _ema_update(s, sizes, est, resident + states)
     est.host = _host(tracer, comps, s, est, weights)
     return est
 
@@ -117,7 +123,7 @@ def _other_phases(tracer, comps, s: Settings, est: Estimate, weights: list[Row],
         est.rows.append(Row(f"validation samples ({s.validation_images} at a time, {size[1]}x{size[0]})",
                             val, "validation"))
         vae = sum(r.bytes for r in weights if r.phase == "offloaded" and r.component == "vae")
-        est.phases["validation"] = resident + vae + states + val
+        est.phases["validation"] = resident + vae + states + val + _ema_on_gpu(s, est.trained)
     if s.prior_batch:  # before the method attaches anything: the weights as loaded
         cls = _sampling(tracer, s, _square(s.resolution), s.prior_batch, True)
         est.rows.append(Row(f"class images (prior preservation, {s.prior_batch} at a time)", cls, "class images"))
@@ -135,7 +141,29 @@ def _training_rows(tracer, s: Settings, sizes: list[int], states: float) -> list
     rows.append(Row(f"activations of a training step ({how})", acts, "training"))
     if s.optimizer == "adamw":  # torch's foreach AdamW: one fp32 temporary per parameter, after backward
         rows.append(Row("optimizer step temporaries (while activations are freed)", trained * 4, "training"))
+    if s.ema == "accelerator":
+        rows.append(Row("EMA of the trained weights (fp32, training.ema)", _ema_on_gpu(s, trained), "training"))
     return rows
+
+
+def _ema_on_gpu(s: Settings, trained: int) -> float:
+    """The average EMAModel keeps, one value per trained parameter in its dtype (fp32), when it stays on the GPU."""
+    return 4.0 * trained if s.ema == "accelerator" else 0.0
+
+
+def _ema_update(s: Settings, sizes: list[int], est: Estimate, held: float) -> None:
+    """The moment of an EMA update: the weights and optimizer states `held`, gradients and activations
+    gone. On the GPU, EMAModel's foreach step makes one temporary the size of the average; an average
+    kept in CPU memory visits whole and is updated tensor by tensor (two temporaries of the largest)."""
+    if s.ema is None or not sizes:
+        return
+    if s.ema == "accelerator":
+        est.rows.append(Row("EMA update temporaries (foreach, fp32)", 4.0 * sum(sizes), "EMA update"))
+    else:
+        est.rows += [Row("EMA of the trained weights (fp32), visiting from CPU memory",
+                         4.0 * sum(sizes), "EMA update"),
+                     Row("EMA update temporaries (one tensor at a time)", 2 * 4.0 * max(sizes), "EMA update")]
+    est.phases["EMA update"] = held + _ema_on_gpu(s, sum(sizes)) + _sum(est.rows, "EMA update")
 
 
 def _overlap(rows: list[Row]) -> float:
@@ -198,7 +226,7 @@ def optimizer_bytes(s: Settings, sizes: list[int]) -> float:
 def _host(tracer, comps, s: Settings, est: Estimate, weights: list[Row]) -> dict[str, float]:
     """Host bytes of each phase on top of the process itself: the weights passing through while
     loading; the denoiser waiting while the caches are made; the caches (unless memory.cache_dir keeps
-    them on disk), the offloaded encoders and the parked blocks while training."""
+    them on disk), the offloaded encoders, the parked blocks and the EMA's host copies while training."""
     read = sum(c.own * load_bytes(tracer, c, s) for c in comps.values())
     per_image = tracer.cache_bytes_per_image(_square(s.resolution), WEIGHT_BYTES[s.precision], s.cache_latents,
                                              s.cache_text)
@@ -206,8 +234,12 @@ def _host(tracer, comps, s: Settings, est: Estimate, weights: list[Row]) -> dict
     denoiser = tracer.family.denoiser_component
     waiting = 0 if s.quantize in BNB else sum(
         r.bytes for r in weights if r.component == denoiser and r.phase in ("resident", "parked"))
+    # EMAModel.store copies the trained weights to CPU memory while the average is swapped in (validation
+    # samples, the files written with it); an average kept in CPU memory lives there.
+    trained = 4.0 * est.trained if s.ema else 0.0
+    est.ema_host = trained if s.ema == "cpu" else 0.0
     return {"loading": cal.LOADING_OVERHEAD * read, "caching": waiting + caches,
-            "training": caches + est.offloaded + est.parked}
+            "training": caches + est.offloaded + est.parked + est.ema_host + trained}
 
 
 def _square(side: int) -> tuple[int, int]:

@@ -7,9 +7,9 @@ from .estimate import GIB, PRECISION, Estimate
 
 WIDTH = 84
 ESTIMATED = ("activations", "VAE encoding", "validation samples", "class images")
-MARKS = {"offloaded": "  not in training", "parked": "  not on the GPU"}
+MARKS = {"offloaded": "  not in training", "parked": "  not on the GPU", "EMA update": "  at EMA updates"}
 PHASES = {"training": "training step", "caching": "VAE encoding images", "validation": "validation samples",
-          "class images": "class images"}
+          "class images": "class images", "EMA update": "EMA update (after an optimizer step)"}
 
 
 def _g(b: float) -> str:
@@ -57,14 +57,17 @@ def describe_run(s) -> str:
     precision = "fp32" if s.precision == "no" else f"{PRECISION[s.precision]} mixed precision"
     ckpt = "gradient checkpointing" if s.checkpointing else "no gradient checkpointing"
     val = f"{s.validation_images} validation image(s) per call" if s.validation_images else "no validation samples"
-    return f"{s.resolution} px, batch {s.batch}, {precision}, {ckpt}, {s.optimizer}, {val}"
+    ema = {None: "", "accelerator": ", EMA on the GPU", "cpu": ", EMA in CPU memory"}[s.ema]
+    return f"{s.resolution} px, batch {s.batch}, {precision}, {ckpt}, {s.optimizer}, {val}{ema}"
 
 
 def host_line(est: Estimate) -> str:
     phase = max(est.host, key=est.host.get)
     s = est.settings
     held = (["latent and text-embedding caches"] if s.host_caches else []) + (
-        ["offloaded encoders"] if est.offloaded else []) + (["parked blocks"] if est.parked else [])
+        ["offloaded encoders"] if est.offloaded else []) + (["parked blocks"] if est.parked else []) + (
+        {None: [], "cpu": ["the EMA", "the trained weights' copy while it is swapped in"],
+         "accelerator": ["the trained weights' copy while the EMA is swapped in"]}[s.ema])
     loading = f"the weights pass through host RAM in their training dtype (x{cal.LOADING_OVERHEAD})"
     caching = "the denoiser waits in host RAM" + (", beside the caches" if s.host_caches else "")
     what = {"loading": f"while loading: {loading}", "caching": f"while caching: {caching}",

@@ -37,6 +37,7 @@ class Settings:
     host_caches: bool  # the caches live in host RAM (memory.cache_dir unset: on disk otherwise)
     images: int | None  # images in data.path, if it is a folder on this machine
     captions_vary: bool = False  # data.shuffle_tags / tag_dropout: captions cannot be encoded once
+    ema: str | None = None  # training.ema.device (accelerator | cpu); None: no average kept
 
 
 def settings_from_recipe(recipe) -> Settings:
@@ -61,7 +62,7 @@ def settings_from_recipe(recipe) -> Settings:
         # "auto" offloads what is cached: on a GPU, which is what the plan is for.
         cache_text=text, text_offload=text and mem.text_encoders != "keep",
         vae_offload=latents and mem.vae != "keep", host_caches=mem.cache_dir is None,
-        images=count_images(data.path), captions_vary=data.captions_vary)
+        images=count_images(data.path), captions_vary=data.captions_vary, ema=tr.ema.device if tr.ema else None)
 
 
 def count_images(path: str, limit: int = 100_000) -> int | None:

@@ -53,8 +53,11 @@ class Ema:
         from diffusers.training_utils import EMAModel
 
         c = self.cfg
+        # foreach makes one temporary the size of the whole average; an average kept in CPU memory
+        # already visits the GPU whole for each update, so it goes tensor by tensor (finetune/plan counts both).
         model = EMAModel(self.params, decay=c.decay, update_after_step=c.update_after_step,
-                         use_ema_warmup=c.warmup_power is not None, power=c.warmup_power or 2 / 3, foreach=True)
+                         use_ema_warmup=c.warmup_power is not None, power=c.warmup_power or 2 / 3,
+                         foreach=self.home == self.device)
         model.to(self.home)
         return model
 
