@@ -104,6 +104,17 @@ def test_optimizer_state_is_saved_with_its_own_counters(runs):
     assert set(rates) == {0.01}  # min(1e-2, 1/sqrt(step)), not training.learning_rate
 
 
+def test_prodigy_logs_the_step_size_it_estimates(runs):
+    """Its logged lr is the scheduled 1.0; each row also has the estimate d (the one its checkpoint
+    saves) and the rate it steps by, d x lr."""
+    rows = step_rows(runs("prodigy")[0].run_dir)
+    assert {r["lr"] for r in rows} == {1.0}
+    assert all(r["effective_lr"] == r["prodigy_d"] * r["lr"] for r in rows)
+    assert rows[-1]["prodigy_d"] > rows[0]["prodigy_d"]  # it grows from d0 as it learns the scale
+    assert rows[HALF - 1]["prodigy_d"] == _saved_optimizer(runs("prodigy")[0].run_dir)["param_groups"][0]["d"]
+    assert not any("prodigy_d" in r for r in step_rows(runs("adafactor")[0].run_dir))
+
+
 def test_schedule_free_saves_its_average_and_trains_on_from_the_trained_weights(runs):
     """A checkpoint's state/ holds the train-mode weights y and the optimizer's z; its adapter file holds
     the average x = y + (1 - 1/beta1) (z - y), as the final files do; the bit-exact resume above started

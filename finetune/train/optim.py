@@ -66,6 +66,16 @@ def build_optimizer(groups: list[dict], cfg, lr: float) -> torch.optim.Optimizer
     raise FinetuneError(f"optimizer.type: unknown optimizer {kind!r}")
 
 
+def step_size(optimizer) -> dict[str, float]:
+    """What the logged rate leaves out: Prodigy moves by its own estimate d times the scheduled rate
+    (1.0 as the README asks), so `lr` alone says nothing of how fast it learns. Its first group's d (the
+    estimate is one for all groups) and d x lr; nothing for other optimizers."""
+    group = optimizer.param_groups[0]
+    if "d" not in group or "d0" not in group:
+        return {}
+    return {"prodigy_d": float(group["d"]), "effective_lr": float(group["d"] * group["lr"])}
+
+
 def _schedule_free(groups: list[dict], cfg, lr: float) -> torch.optim.Optimizer:
     sf = _package(cfg.type, "schedulefree", "schedulefree")
     optimizer = sf.AdamWScheduleFree(groups, lr=lr, betas=cfg.betas or (0.9, 0.999), eps=cfg.eps,

@@ -241,12 +241,14 @@ class Trainer:
         return None
 
     def _report(self, step_loss: float) -> None:
-        st, lr = self.state, self.scheduler.get_last_lr()[0]
+        from .optim import step_size
+
+        st, lr, size = self.state, self.scheduler.get_last_lr()[0], step_size(self.optimizer)
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+        self.bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{size.get('effective_lr', lr):.2e}")
         if st.step % self.tr.log_every_n_steps and st.step != self.max_steps:
             return
-        row = self.window.rates(self.accelerator, per_process)
+        row = {**size, **self.window.rates(self.accelerator, per_process)}
         if st.skipped_steps:
             row["skipped_batches"] = st.skipped_steps
         if self.metrics:
