@@ -16,7 +16,10 @@ Module names: SD1.x `lora_unet_<diffusers weight path>` (comfy/lora.py `model_lo
 function's first loop, over the checkpoint's own keys), FLUX.1 `lycoris_<diffusers module path>` (its FLUX
 branch: SimpleTuner's LyCORIS names, each mapped to its rows of BFL's fused weight, where the adapter applies),
 Qwen-Image `lora_unet_<diffusers module path>` (the first loop again: its weights have diffusers' names),
-Z-Image `lycoris_<diffusers module path>` (its Lumina2 branch, through z_image_to_diffusers onto the fused rows).
+Z-Image `lycoris_<diffusers module path>` (its Lumina2 branch, through z_image_to_diffusers onto the fused rows),
+FLUX.2 `lycoris_<diffusers module path>` (the FLUX branch again: model_base.Flux2 is a Flux, and flux_to_diffusers
+has FLUX.2's names), SD3 `lycoris_<diffusers module path>` (its SD3 branch, through mmdit_to_diffusers, attn2
+included; Comfy-Org/ComfyUI 09708eae709a992a5684bed3595ce4d07e705b4e comfy/utils.py).
 """
 
 import copy
@@ -34,6 +37,12 @@ from .helpers import (TinyPipeline, latents_and_captions, make_image_folder, rea
 from .test_flux import INNER as FLUX_INNER
 from .test_flux import PIPELINE as FLUX_PIPELINE
 from .test_flux import _comfyui_targets as flux_comfyui_targets
+from .test_flux2 import INNER as FLUX2_INNER
+from .test_flux2 import PIPELINE as FLUX2_PIPELINE
+from .test_flux2 import _comfyui_targets as flux2_comfyui_targets
+from .test_sd3 import INNER as SD3_INNER
+from .test_sd3 import PIPELINE as SD3_PIPELINE
+from .test_sd3 import _comfyui_targets as sd3_comfyui_targets
 
 LORA_KEYS = {"lora_down.weight", "lora_up.weight", "alpha"}
 EXPECTED = {  # per variant: the key sets a module may have, from ComfyUI's loaders above
@@ -52,22 +61,27 @@ SECTIONS = {
     "locon": {"conv_rank": 4, "conv_alpha": 2, "rank": 4, "alpha": 8},
 }
 STEPS, RATES = 12, {"loha": 3e-2, "lokr": 3e-2, "lokr-decomposed": 3e-2}
+# The tiny FLUX.2 and SD3 move less in 12 steps (test_flux2.py and test_sd3.py say why): measured 0.88-0.95x at these.
+RATES.update({(f, v): r for f in ("flux2", "sd3") for v, r in (("loha", 1e-1), ("lokr", 1e-1), ("dora", 2e-2))})
 CASES = ([("sd1", v) for v in ("loha", "lokr", "dora", "locon")]
          + [("sdxl", v) for v in ("loha", "lokr-decomposed", "dora", "locon")]
-         + [(f, v) for f in ("flux", "qwen_image", "z_image") for v in ("loha", "lokr", "dora")])
+         + [(f, v) for f in ("flux", "qwen_image", "z_image", "flux2", "sd3") for v in ("loha", "lokr", "dora")])
 PIPELINES = {"sd1": TinyPipeline("StableDiffusionPipeline"), "sdxl": TinyPipeline("StableDiffusionXLPipeline"),
              "flux": FLUX_PIPELINE, "qwen_image": TinyPipeline("QwenImagePipeline", true_cfg_scale=1.0),
-             "z_image": TinyPipeline("ZImagePipeline", guidance_scale=0.0)}
+             "z_image": TinyPipeline("ZImagePipeline", guidance_scale=0.0), "flux2": FLUX2_PIPELINE, "sd3": SD3_PIPELINE}
 
 tiny_sdxl = tiny_model_fixture("sdxl.build_tiny_sdxl", "tiny-sdxl")
 tiny_flux = tiny_model_fixture("flux.build_tiny_flux", "tiny-flux")
 tiny_qwen = tiny_model_fixture("qwen_image.build_tiny_qwen_image", "tiny-qwen-image")
 tiny_z_image = tiny_model_fixture("z_image.build_tiny_z_image", "tiny-z-image")
+tiny_flux2 = tiny_model_fixture("flux2.build_tiny_flux2", "tiny-flux2")
+tiny_sd3 = tiny_model_fixture("sd3.build_tiny_sd3", "tiny-sd3")
 
 
 @pytest.fixture(scope="module")
-def models(tiny_sd15, tiny_sdxl, tiny_flux, tiny_qwen, tiny_z_image):
-    return {"sd1": tiny_sd15, "sdxl": tiny_sdxl, "flux": tiny_flux, "qwen_image": tiny_qwen, "z_image": tiny_z_image}
+def models(tiny_sd15, tiny_sdxl, tiny_flux, tiny_qwen, tiny_z_image, tiny_flux2, tiny_sd3):
+    return {"sd1": tiny_sd15, "sdxl": tiny_sdxl, "flux": tiny_flux, "qwen_image": tiny_qwen, "z_image": tiny_z_image,
+            "flux2": tiny_flux2, "sd3": tiny_sd3}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +94,7 @@ def runs(models, tmp_path_factory, one_torch_thread):
             tmp = tmp_path_factory.mktemp(f"{family}-{variant}")
             data = make_image_folder(tmp / "data", n=4, sizes=((64, 64),))
             r = tiny_recipe(models[family], data, tmp / "out", training__max_steps=STEPS, training__batch_size=4,
-                            training__learning_rate=RATES.get(variant, 5e-3))
+                            training__learning_rate=RATES.get((family, variant), RATES.get(variant, 5e-3)))
             r["method"].update(SECTIONS[variant])
             done[family, variant] = (train_quietly(r), data)
         return done[family, variant]
@@ -98,7 +112,7 @@ def _adapted(denoiser):
 def _kohya_names(family, denoiser, modules):
     """diffusers module path -> its name in the kohya file (SDXL: the original layout's; FLUX: SimpleTuner's
     LyCORIS names, `lycoris_<diffusers module>`)."""
-    if family in ("flux", "z_image"):
+    if family in ("flux", "z_image", "flux2", "sd3"):
         return {m: "lycoris_" + m.replace(".", "_") for m in modules}
     if family == "qwen_image":
         return {m: "lora_unet_" + m.replace(".", "_") for m in modules}
@@ -114,6 +128,10 @@ def _comfyui_names(family, denoiser):
     """Every name ComfyUI maps to a weight of this denoiser (the rules in the module docstring)."""
     if family == "flux":  # the FLUX branch: `lycoris_<diffusers module>` for every module flux_to_diffusers maps
         return {"lycoris_" + m.replace(".", "_") for m in flux_comfyui_targets(2, 2, FLUX_INNER)}
+    if family == "flux2":  # the same branch: flux_to_diffusers' FLUX.2 names (ff.linear_in, attn.to_qkv_mlp_proj, ...)
+        return {"lycoris_" + m.replace(".", "_") for m in flux2_comfyui_targets(2, 2, FLUX2_INNER)}
+    if family == "sd3":  # the SD3 branch: mmdit_to_diffusers' names, attn2 in the tiny SD3.5 Medium's first block
+        return {"lycoris_" + m.replace(".", "_") for m in sd3_comfyui_targets(2, {0}, SD3_INNER)}
     if family == "qwen_image":  # `lora_unet_<weight>`: its weights have diffusers' names (musubi-tuner's list)
         return real_kohya_names("qwen_image")
     if family == "z_image":  # the Lumina2 branch: `lycoris_<diffusers module>` for what z_image_to_diffusers maps
@@ -247,8 +265,8 @@ def test_variant_options_that_do_not_go_together_are_refused(tmp_path, section, 
     assert key in str(e.value)
 
 
-@pytest.mark.parametrize("family,section,key", [("sd3", {"variant": "lokr"}, "method.variant"),
-                                                ("flux2", {"dora": True}, "method.dora"),
+@pytest.mark.parametrize("family,section,key", [("sd3", {"conv_rank": 4}, "method.conv_rank"),
+                                                ("flux2", {"variant": "loha", "conv_rank": 4}, "method.conv_rank"),
                                                 ("flux", {"conv_rank": 4}, "method.conv_rank")])
 def test_a_family_without_the_exporter_refuses_the_variant_before_loading(tmp_path, family, section, key):
     from finetune.families import get_family
@@ -258,6 +276,56 @@ def test_a_family_without_the_exporter_refuses_the_variant_before_loading(tmp_pa
     fam = get_family(family)
     why = fam.method_problem(validate(r, "recipe.yaml").method)
     assert why.split(":")[0] == key and fam.title in why
+
+
+@pytest.mark.parametrize("family,module", [("flux2", "double_stream_modulation_img.linear"),
+                                           ("flux2", "time_guidance_embed.timestep_embedder.linear_1"),
+                                           ("sd3", "pos_embed.proj")])
+def test_a_variant_on_a_module_comfyui_does_not_map_is_refused_not_written(family, module):
+    """ComfyUI's diffusers-name maps know FLUX.2's modulations and embedders by FLUX.1's names only, and SD3's
+    patch embedding not at all: a `lycoris_` key there would be skipped, so the export names the module."""
+    from finetune.export.lycoris import PER_MODULE
+    from finetune.families import get_family
+
+    state = {f"transformer.{m}.{k}": torch.ones(2, 2) for m in ("transformer_blocks.0.attn.to_q", module)
+             for k in ("lokr_w1", "lokr_w2")}
+    with pytest.raises(ValueError, match=module.replace(".", r"\.") + ": ComfyUI maps no `lycoris_` name"):
+        get_family(family).kohya_lora(state, {}, PER_MODULE, {})
+    kept = {k: v for k, v in state.items() if module not in k}
+    assert set(get_family(family).kohya_lora(kept, {}, PER_MODULE, {})) == {
+        "lycoris_transformer_blocks_0_attn_to_q.lokr_w1", "lycoris_transformer_blocks_0_attn_to_q.lokr_w2"}
+
+
+@pytest.mark.parametrize("family,target", [("flux2", "double_stream_modulation_img.linear"), ("sd3", "pos_embed.proj")])
+def test_such_a_module_in_target_modules_is_refused_before_loading(models, tmp_path, family, target):
+    """The same modules named in method.target_modules: one line from the preflight, before any weight loads;
+    the default targets and a plain LoRA there pass."""
+    from finetune.train.preflight import preflight
+
+    r = tiny_recipe(models[family], tmp_path, tmp_path / "out")
+    r["method"].update(variant="lokr", target_modules=["to_q", target])
+    with pytest.raises(RecipeError) as e:
+        preflight(validate(r, "recipe.yaml"))
+    (line,) = [x for x in str(e.value).splitlines() if target in x]
+    assert line.startswith(f"method.target_modules: '{target}' reaches") and "ComfyUI" in line
+    assert "'to_q'" not in str(e.value)
+    del r["method"]["target_modules"]
+    preflight(validate(r, "recipe.yaml"))
+    r["method"].update(variant="lora", target_modules=["to_q", target])
+    if family == "sd3":  # a plain LoRA goes into the original layout, where the patch embedding has a name
+        preflight(validate(r, "recipe.yaml"))
+
+
+def test_diffusers_reads_the_flux2_comfyui_lokr_file_as_trained(runs, models):
+    """diffusers' Flux2LoraLoaderMixin converts SimpleTuner's LyCORIS LoKr names itself
+    (`_convert_lycoris_flux2_lokr_to_diffusers`): the ComfyUI file samples as the model that trained."""
+    result, _ = runs("flux2", "lokr")
+    pipe = FLUX2_PIPELINE.load(models["flux2"])
+    plain = FLUX2_PIPELINE.image(pipe)
+    pipe.load_lora_weights(str(result.run_dir), weight_name="run.safetensors")
+    loaded = FLUX2_PIPELINE.image(pipe)
+    assert np.abs(loaded - plain).max() > 1e-3
+    assert np.abs(loaded - FLUX2_PIPELINE.image(result.components.pipeline)).max() < 1e-4
 
 
 def test_loha_with_only_the_diffusers_format_is_refused(tmp_path):

@@ -188,6 +188,10 @@ class Family:
     # dora, locon. Each needs an exporter to the layout this family's apps load; the fused-attention layouts
     # of the transformer families have one for plain LoRA only.
     adapter_variants: ClassVar[frozenset[str]] = frozenset()
+    # The denoiser modules (diffusers names, matched whole) a LoHa, LoKr or DoRA file can name where this
+    # family's apps map names onto fused weights; None: every module the method reaches. Checked against
+    # method.target_modules before loading (finetune/train/preflight.py), and again when the file is written.
+    variant_modules: ClassVar[Any] = None
     # The denoiser's convolutions a LoCon adapts (conv_rank), by peft target name.
     conv_lora_targets: ClassVar[list[str]] = []
     # Text encoder -> tensor name in a webui/ComfyUI embedding file (textual inversion).

@@ -24,6 +24,14 @@ module path with "_": `lora_unet_double_blocks_0_img_attn_qkv` (q, k, v fused), 
 to_qkv_mlp_proj, already fused). ComfyUI's comfy/lora.py model_lora_keys_unet maps "lora_unet_" + every
 diffusion_model weight of the BFL checkpoint it loads; diffusers' `_convert_kohya_flux2_lora_to_diffusers`
 reads the same names back (0.42.1).
+
+LoHa, LoKr and DoRA cannot be fused into a double block's qkv: their files name diffusers' modules as
+SimpleTuner's LyCORIS files do, `lycoris_transformer_blocks_0_attn_to_q.lokr_w1`. ComfyUI's FLUX branch of
+model_lora_keys_unet (model_base.Flux2 is a Flux) maps `lycoris_` + every name comfy/utils.py
+`flux_to_diffusers` knows, FLUX.2's included (ff.linear_in/out, attn.to_qkv_mlp_proj, attn.to_out), each to
+its rows of the BFL weight, where comfy/lora.py `calculate_weight` narrows the weight before applying the
+adapter (Comfy-Org/ComfyUI 09708eae709a992a5684bed3595ce4d07e705b4e utils.py, 17358c8f73b581a0d22facc3c385822f09b8bfb1
+lora.py). diffusers' Flux2LoraLoaderMixin reads that LoKr file too (`_convert_lycoris_flux2_lokr_to_diffusers`).
 """
 
 from __future__ import annotations
@@ -58,6 +66,14 @@ LORA_TARGETS = (
     r"|ff\.(linear_in|linear_out)|ff_context\.(linear_in|linear_out))"
     r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))"
 )
+
+# The diffusers Linear names ComfyUI maps as `lycoris_<name>` on a FLUX.2 model (comfy/utils.py flux_to_diffusers,
+# its FLUX.2 entries and the shared ones, less norm_out.linear: its row swap would not reach a DoRA's magnitudes).
+# The modulations and time/guidance embedders have FLUX.1's names there, not FLUX.2's.
+COMFYUI_LYCORIS = re.compile(
+    r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|ff\.(linear_in|linear_out)|ff_context\.(linear_in|linear_out))"
+    r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)|x_embedder|context_embedder|proj_out")
 
 # diffusers module -> BFL module (diffusers' scripts/convert_flux2_to_diffusers.py, read backwards).
 _DOUBLE_FUSED = {
@@ -144,6 +160,10 @@ class Flux2Family(FlowFamily):
     lora_targets = LORA_TARGETS
     text_encoder_lora_targets: list[str] = []
     trainable_text_encoders = ()  # Mistral Small 3.1 (24B) / Qwen3: frozen, outputs cached per caption
+    # In SimpleTuner's LyCORIS layout, `lycoris_<diffusers module>`: ComfyUI maps each name to its rows of
+    # BFL's fused weights and applies LoHa, LoKr and DoRA there.
+    adapter_variants = frozenset({"loha", "lokr", "dora"})
+    variant_modules = COMFYUI_LYCORIS
     refused_methods = {
         "textual_inversion": ("FLUX.2's text encoders (Mistral Small 3.1, Qwen3) have no embedding format an app "
                               "loads; train method.type=lora with a trigger word in the captions instead"),
@@ -303,4 +323,9 @@ class Flux2Family(FlowFamily):
             raise ValueError("FLUX.2 trains no text-encoder LoRA; its kohya file holds the transformer only")
         if not denoiser_state:
             raise ValueError("nothing to export: all LoRA state dicts are empty")
+        from ..export.lycoris import PER_MODULE, variant_to_kohya
+
+        if denoiser_alpha == PER_MODULE:  # LoHa, LoKr, DoRA: cannot be fused into BFL's qkv
+            return variant_to_kohya({re.sub(r"^transformer\.", "", k): v for k, v in denoiser_state.items()}, "lycoris",
+                                    known=self.variant_modules.fullmatch)
         return flux2_to_kohya(denoiser_state, denoiser_alpha)

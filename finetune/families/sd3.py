@@ -23,9 +23,17 @@ networks/lora_sd3.py writes them (sd-scripts commit 48d368fa557731ad0488c07304df
 `lora_unet_joint_blocks_0_x_block_attn_qkv`, `..._x_block_attn2_qkv`, `..._context_block_mlp_fc1`;
 `lora_te1_` / `lora_te2_` for CLIP-L / CLIP-G. ComfyUI's comfy/lora.py (model_lora_keys_unet, commit
 41444b5236c613ee5ff7d09aa620f94b702f30eb) maps "lora_unet_" + every diffusion_model weight of the
-original layout, so every module loads; its map of diffusers names for SD3 (comfy/utils.py
-`mmdit_to_diffusers`) has no `attn2`, so a diffusers-named file would lose SD3.5 Medium's dual
-attention there. diffusers' SD3 loader reads no kohya layout: the diffusers file is the one for it.
+original layout, so every module loads. diffusers' SD3 loader reads no kohya layout: the diffusers file
+is the one for it.
+
+LoHa, LoKr and DoRA cannot be fused into a qkv: their files name diffusers' modules as SimpleTuner's
+LyCORIS files do, `lycoris_transformer_blocks_0_attn2_to_q.hada_w1_a`. ComfyUI's SD3 branch of
+model_lora_keys_unet maps `lycoris_` + every name of comfy/utils.py `mmdit_to_diffusers`, each q, k and v to
+its rows of the fused qkv, which comfy/lora.py `calculate_weight` narrows before applying the adapter
+(Comfy-Org/ComfyUI 09708eae709a992a5684bed3595ce4d07e705b4e utils.py, 17358c8f73b581a0d22facc3c385822f09b8bfb1
+lora.py; unet_config "depth" is the width / 64, so its row offset, depth * 64, is the width). That map has
+SD3.5 Medium's attn2 (q, k, v, proj); the older one read above (41444b5) had none, and a ComfyUI that old
+logs "lora key not loaded" for those keys instead of applying them.
 """
 
 from __future__ import annotations
@@ -54,6 +62,13 @@ LORA_TARGETS = (
     r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
     r"|attn2\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))"
 )
+
+# The diffusers Linear names ComfyUI maps as `lycoris_<name>` on an SD3 model (comfy/utils.py mmdit_to_diffusers),
+# less the context modulations (the last block's swaps its halves, which would not reach a DoRA's magnitudes).
+COMFYUI_LYCORIS = re.compile(
+    r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|attn2\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|norm1\.linear)"
+    r"|context_embedder|proj_out|time_text_embed\.(timestep_embedder|text_embedder)\.linear_[12]")
 
 # diffusers module -> original MMDiT module (diffusers' convert_sd3_transformer_checkpoint_to_diffusers,
 # read backwards). Fused weights list q, k, v in row order, each `inner` rows.
@@ -135,6 +150,10 @@ class SD3Family(FlowFamily):
     lora_targets = LORA_TARGETS
     text_encoder_lora_targets = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the example's, on both CLIPs
     trainable_text_encoders = ("text_encoder", "text_encoder_2")  # CLIP-L, CLIP-G; T5-XXL stays frozen
+    # In SimpleTuner's LyCORIS layout, `lycoris_<diffusers module>`: ComfyUI's SD3 branch maps each name (SD3.5
+    # Medium's attn2 too) to its rows of the fused qkv and applies LoHa, LoKr and DoRA there.
+    adapter_variants = frozenset({"loha", "lokr", "dora"})
+    variant_modules = COMFYUI_LYCORIS
     refused_methods = {
         "textual_inversion": ("SD3's reference trainers (diffusers, kohya) learn no embeddings for its three "
                               "text encoders, nor do we; use method.type: lora with a trigger word in the captions"),
@@ -261,8 +280,13 @@ class SD3Family(FlowFamily):
 
     def kohya_lora(self, denoiser_state, text_encoder_states, denoiser_alpha, text_encoder_alphas):
         from ..export.lora import peft_to_kohya
+        from ..export.lycoris import PER_MODULE, variant_to_kohya
 
-        out = sd3_to_kohya(denoiser_state, denoiser_alpha) if denoiser_state else {}
+        if denoiser_alpha == PER_MODULE and denoiser_state:  # LoHa, LoKr, DoRA: cannot be fused into a qkv
+            out = variant_to_kohya({re.sub(r"^transformer\.", "", k): v for k, v in denoiser_state.items()}, "lycoris",
+                                   known=self.variant_modules.fullmatch)
+        else:
+            out = sd3_to_kohya(denoiser_state, denoiser_alpha) if denoiser_state else {}
         te_states = {n: s for n, s in (text_encoder_states or {}).items() if s}
         if te_states:
             out.update(peft_to_kohya(None, te_states, None, text_encoder_alphas, self.kohya_text_encoder_prefixes))

@@ -173,12 +173,35 @@ def _target_problems(method, family, source, index, revision) -> list[str]:
         denoiser = meta_component(source, index, family.denoiser_component, revision)
         problems += _unmatched("method.target_modules", targets, [denoiser], family.denoiser_component,
                                family.lora_targets)
+        problems += _unmapped_for_variants(method, family, targets, denoiser)
     te_targets = getattr(method, "text_encoder_target_modules", None)
     if te_targets and getattr(method, "train_text_encoder", False):
         names = [n for n in family.adaptable_text_encoders() if index.get(n)]
         encoders = [meta_component(source, index, n, revision) for n in names]
         problems += _unmatched("method.text_encoder_target_modules", te_targets, encoders, " / ".join(names),
                                family.text_encoder_lora_targets)
+    return problems
+
+
+def _unmapped_for_variants(method, family, targets: list[str], denoiser) -> list[str]:
+    """A LoHa, LoKr or DoRA on a module the family's apps map no name to would be dropped by them: one
+    line per target that reaches such a module."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from ..methods.adapters import is_plain
+
+    if family.variant_modules is None or denoiser is None or not hasattr(method, "variant") or is_plain(method):
+        return []
+    wrapped = [name for name, module in denoiser.named_modules() if type(module).__name__ in _LORA_LAYERS]
+    problems = []
+    for target in targets:
+        config = LoraConfig(target_modules=[target])
+        off = [n for n in wrapped if check_target_module_exists(config, n) and not family.variant_modules.fullmatch(n)]
+        if off:
+            more = f" and {len(off) - 1} more" if len(off) > 1 else ""
+            problems.append(f"method.target_modules: {safe_name(target)!r} reaches {off[0]}{more}, which "
+                            f"{family.title}'s apps (ComfyUI) map no LoHa, LoKr or DoRA name to; leave it out")
     return problems
 
 
