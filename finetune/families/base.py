@@ -461,7 +461,8 @@ def meta_component(source: ModelSource, index: dict, name: str, revision: str | 
     cls = getattr(importlib.import_module(library), class_name, None)
     if cls is None:
         return None
-    with init_empty_weights():
+    # Buffers too: SD3's patch embedding computes a 384x384 position table in __init__, 4 s on a CPU.
+    with init_empty_weights(include_buffers=True):
         if library == "diffusers":
             return cls.from_config(cls.load_config(config.parent))
         return cls._from_config(cls.config_class.from_pretrained(config.parent))
