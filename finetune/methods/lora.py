@@ -211,7 +211,7 @@ class LoraMethod(Method):
             note = ("; ComfyUI and Forge normalise a DoRA by the base weight, not the adapted one, so there the "
                     "result is close to, not exactly, what trained (ComfyUI PR #15458); AUTOMATIC1111 reads only "
                     "input-axis DoRA files and does not apply this one as trained")
-        return (f"{title(self.cfg)} with LyCORIS's keys, in the kohya-style layout {self.family.kohya_apps} map "
+        return (f"{title(self.cfg)} with LyCORIS's keys, in the kohya-style layout, for {self.family.kohya_apps} "
                 f"(copy into `models/loras`){note}")
 
     def usage(self, pipeline_class, load_base, run_dir, files):
