@@ -249,6 +249,10 @@ def test_diffusers_loads_the_variants_it_supports_as_trained(runs, models, famil
     trained = pipeline.image(c.pipeline)
     assert np.abs(loaded - trained).max() < 1e-4  # the file is the model that trained
     assert "load_lora_weights" in card or "load_lora_adapter" in card
+    if variant == "dora":  # the caveat names only the apps that run this family
+        assert "ComfyUI PR #15458" in card
+        assert ("AUTOMATIC1111 reads only input-axis" in card) == (family in ("sd1", "sdxl"))
+        assert ("Forge normalise" in card) == (family in ("sd1", "sdxl", "flux"))
 
 
 @pytest.mark.parametrize("section,key", [

@@ -206,12 +206,14 @@ class LoraMethod(Method):
             return f"diffusers/peft format{what}: `pipe.load_lora_weights(run_folder)`"
         if is_plain(self.cfg):
             return f"kohya format for {self.family.kohya_apps} (copy into `models/loras`)"
-        note = ""
-        if self.cfg.dora:
-            note = ("; ComfyUI and Forge normalise a DoRA by the base weight, not the adapted one, so there the "
-                    "result is close to, not exactly, what trained (ComfyUI PR #15458); AUTOMATIC1111 reads only "
-                    "input-axis DoRA files and does not apply this one as trained")
-        return (f"{title(self.cfg)} with LyCORIS's keys, in the kohya-style layout, for {self.family.kohya_apps} "
+        note, apps = "", self.family.kohya_apps
+        if self.cfg.dora:  # Forge shares ComfyUI's DoRA code
+            comfy = "ComfyUI and Forge normalise" if "Forge" in apps else "ComfyUI normalises"
+            note = (f"; {comfy} a DoRA by the base weight, not the adapted one, so there the result is close to, "
+                    "not exactly, what trained (ComfyUI PR #15458)")
+            if "AUTOMATIC1111" in apps:
+                note += "; AUTOMATIC1111 reads only input-axis DoRA files and does not apply this one as trained"
+        return (f"{title(self.cfg)} with LyCORIS's keys, in the kohya-style layout, for {apps} "
                 f"(copy into `models/loras`){note}")
 
     def usage(self, pipeline_class, load_base, run_dir, files):
