@@ -67,15 +67,14 @@ def with_alphas(state: Mapping[str, torch.Tensor], config) -> dict[str, torch.Te
     return out
 
 
-def variant_to_kohya(state: Mapping[str, torch.Tensor], prefix: str, known=None,
-                     apps: str = "ComfyUI") -> dict[str, torch.Tensor]:
+def variant_to_kohya(state: Mapping[str, torch.Tensor], prefix: str, known=None) -> dict[str, torch.Tensor]:
     """A `with_alphas` state of one component (module paths already in the layout the apps name) ->
-    `<prefix>_<module path with _>.<suffix>` keys. `known(module)`: whether the apps map that module's name;
-    a module they do not is refused, not written for them to skip."""
+    `<prefix>_<module path with _>.<suffix>` keys. `known(module)`: whether ComfyUI maps that module's name;
+    a module it does not is refused, not written for it to skip."""
     out: dict[str, torch.Tensor] = {}
     for module, params in sorted(_modules(state).items()):
         if known is not None and not known(module):
-            raise ValueError(f"{module}: {apps} maps no `{prefix}_` name to it, so a LoHa, LoKr or DoRA there would "
+            raise ValueError(f"{module}: ComfyUI maps no `{prefix}_` name to it, so a LoHa, LoKr or DoRA there would "
                              "not load; leave it out of method.target_modules")
         name = prefix + "_" + module.replace(".", "_")
         for param, value in _lycoris_keys(params).items():

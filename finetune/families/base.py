@@ -226,6 +226,15 @@ class Family:
                     "unset it (method.text_encoder_lr is the text encoder's rate)")
         return None
 
+    def lycoris_file(self, denoiser_state) -> dict:
+        """LoHa, LoKr and DoRA of a transformer whose kohya layout fuses q/k/v (they cannot be fused): the
+        `lycoris_<diffusers module>` names SimpleTuner's LyCORIS files use, which ComfyUI maps onto the rows
+        of the fused weights; a module outside `variant_modules` is refused."""
+        from ..export.lycoris import variant_to_kohya
+
+        state = {k.removeprefix(f"{self.denoiser_component}."): v for k, v in (denoiser_state or {}).items()}
+        return variant_to_kohya(state, "lycoris", known=self.variant_modules and self.variant_modules.fullmatch)
+
     def _variant_problem(self, method, title: str) -> str | None:
         if not hasattr(method, "variant"):
             return None

@@ -274,11 +274,10 @@ class FluxFamily(FlowFamily):
 
     def kohya_lora(self, denoiser_state, text_encoder_states, denoiser_alpha, text_encoder_alphas):
         from ..export.lora import peft_to_kohya
-        from ..export.lycoris import PER_MODULE, variant_to_kohya
+        from ..export.lycoris import PER_MODULE
 
         if denoiser_alpha == PER_MODULE:  # LoHa, LoKr, DoRA: cannot be fused into BFL's qkv
-            state = {re.sub(r"^transformer\.", "", k): v for k, v in (denoiser_state or {}).items()}
-            out = variant_to_kohya(state, "lycoris")
+            out = self.lycoris_file(denoiser_state)
         else:
             out = flux_to_kohya(denoiser_state, denoiser_alpha) if denoiser_state else {}
         te_states = {n: s for n, s in (text_encoder_states or {}).items() if s}

@@ -323,9 +323,8 @@ class Flux2Family(FlowFamily):
             raise ValueError("FLUX.2 trains no text-encoder LoRA; its kohya file holds the transformer only")
         if not denoiser_state:
             raise ValueError("nothing to export: all LoRA state dicts are empty")
-        from ..export.lycoris import PER_MODULE, variant_to_kohya
+        from ..export.lycoris import PER_MODULE
 
         if denoiser_alpha == PER_MODULE:  # LoHa, LoKr, DoRA: cannot be fused into BFL's qkv
-            return variant_to_kohya({re.sub(r"^transformer\.", "", k): v for k, v in denoiser_state.items()}, "lycoris",
-                                    known=self.variant_modules.fullmatch)
+            return self.lycoris_file(denoiser_state)
         return flux2_to_kohya(denoiser_state, denoiser_alpha)

@@ -280,11 +280,10 @@ class SD3Family(FlowFamily):
 
     def kohya_lora(self, denoiser_state, text_encoder_states, denoiser_alpha, text_encoder_alphas):
         from ..export.lora import peft_to_kohya
-        from ..export.lycoris import PER_MODULE, variant_to_kohya
+        from ..export.lycoris import PER_MODULE
 
         if denoiser_alpha == PER_MODULE and denoiser_state:  # LoHa, LoKr, DoRA: cannot be fused into a qkv
-            out = variant_to_kohya({re.sub(r"^transformer\.", "", k): v for k, v in denoiser_state.items()}, "lycoris",
-                                   known=self.variant_modules.fullmatch)
+            out = self.lycoris_file(denoiser_state)
         else:
             out = sd3_to_kohya(denoiser_state, denoiser_alpha) if denoiser_state else {}
         te_states = {n: s for n, s in (text_encoder_states or {}).items() if s}

@@ -196,8 +196,8 @@ class ZImageFamily(FlowFamily):
             raise ValueError("Z-Image has no text-encoder LoRA to export")
         if not denoiser_state:
             raise ValueError("nothing to export: all LoRA state dicts are empty")
-        from ..export.lycoris import PER_MODULE, variant_to_kohya
+        from ..export.lycoris import PER_MODULE
 
         if denoiser_alpha == PER_MODULE:  # LoHa, LoKr, DoRA: cannot be fused into attention.qkv
-            return variant_to_kohya({k.removeprefix("transformer."): v for k, v in denoiser_state.items()}, "lycoris")
+            return self.lycoris_file(denoiser_state)
         return z_image_to_kohya(denoiser_state, denoiser_alpha)
